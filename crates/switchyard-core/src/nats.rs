@@ -1,0 +1,201 @@
+//! NATS plumbing: connecting, checking the server, creating the streams and publishing
+//! events with a JetStream acknowledgement.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage, publish::PublishAck, stream};
+use async_nats::{Client, ConnectOptions};
+use secrecy::ExposeSecret;
+
+use crate::config::{NatsConfig, StreamConfig, StreamsConfig};
+use crate::event::{DLQ_SUBJECT_PREFIX, EVENT_SUBJECT_PREFIX, Event, REPLAY_SUBJECT_PREFIX};
+
+/// Oldest nats-server release Switchyard runs on: consumers with several filter subjects
+/// arrived in 2.10.
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+
+/// A failure to reach or prepare NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("failed to read NATS credentials file {path}: {source}")]
+    Credentials {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("failed to connect to NATS at {url}: {source}; check that nats-server is running")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(
+        "nats-server {version} is too old: Switchyard needs 2.10 or newer for consumers with \
+         several filter subjects; upgrade the server"
+    )]
+    ServerTooOld { version: String },
+    #[error("failed to create or update stream {stream}: {message}; is JetStream enabled (-js)?")]
+    Stream { stream: String, message: String },
+}
+
+/// Why a publish is not durable.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("NATS is not connected")]
+    Disconnected,
+    #[error("JetStream did not acknowledge the publish within {0:?}")]
+    TimedOut(Duration),
+    #[error("JetStream rejected the publish: {0}")]
+    Rejected(String),
+}
+
+/// Connects with the configured credentials, and checks the server version.
+pub async fn connect(config: &NatsConfig) -> Result<Client, NatsError> {
+    let mut options = ConnectOptions::new()
+        .name(&config.name)
+        .connection_timeout(config.connect_timeout)
+        // Keep reconnecting for as long as the router runs; readiness reports the outage.
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            tracing::info!(event = %event, "NATS connection event");
+        });
+    if let Some(path) = &config.credentials_file {
+        options =
+            options
+                .credentials_file(path)
+                .await
+                .map_err(|source| NatsError::Credentials {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+    }
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.expose_secret().to_owned());
+    }
+
+    let client = options
+        .connect(config.url.as_str())
+        .await
+        .map_err(|source| NatsError::Connect {
+            url: config.url.clone(),
+            source,
+        })?;
+    check_server_version(&client.server_info().version)?;
+    Ok(client)
+}
+
+/// Rejects a server older than [`MIN_SERVER_VERSION`].
+pub fn check_server_version(version: &str) -> Result<(), NatsError> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|part| part.parse::<u64>().ok());
+    let major = parts.next().flatten();
+    let minor = parts.next().flatten();
+    match (major, minor) {
+        (Some(major), Some(minor)) if (major, minor) >= MIN_SERVER_VERSION => Ok(()),
+        _ => Err(NatsError::ServerTooOld {
+            version: version.to_owned(),
+        }),
+    }
+}
+
+/// Creates the `EVENTS` and `DLQ` streams, or updates them to match the configuration.
+///
+/// `EVENTS` also takes `replay.<sink>.<type>`, the subjects that send an event again to one
+/// sink only.
+pub async fn ensure_streams(
+    jetstream: &jetstream::Context,
+    config: &StreamsConfig,
+) -> Result<(), NatsError> {
+    let events_subjects = vec![
+        format!("{EVENT_SUBJECT_PREFIX}.>"),
+        format!("{REPLAY_SUBJECT_PREFIX}.>"),
+    ];
+    ensure_stream(jetstream, &config.events, events_subjects).await?;
+    ensure_stream(
+        jetstream,
+        &config.dlq,
+        vec![format!("{DLQ_SUBJECT_PREFIX}.>")],
+    )
+    .await
+}
+
+async fn ensure_stream(
+    jetstream: &jetstream::Context,
+    config: &StreamConfig,
+    subjects: Vec<String>,
+) -> Result<(), NatsError> {
+    let stream_config = stream::Config {
+        name: config.name.clone(),
+        subjects,
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: config.max_age,
+        duplicate_window: config.duplicate_window,
+        num_replicas: config.replicas,
+        max_bytes: config.max_bytes.unwrap_or(-1),
+        ..Default::default()
+    };
+    jetstream
+        .create_or_update_stream(stream_config)
+        .await
+        .map_err(|err| NatsError::Stream {
+            stream: config.name.clone(),
+            message: err.to_string(),
+        })?;
+    tracing::debug!(stream = %config.name, "stream ready");
+    Ok(())
+}
+
+/// Publishes `event` to `events.<type>` and waits for the JetStream acknowledgement.
+pub async fn publish_event(
+    jetstream: &jetstream::Context,
+    event: &Event,
+    timeout: Duration,
+) -> Result<PublishAck, PublishError> {
+    let publish = PublishMessage::build()
+        .headers(event.headers())
+        .payload(event.data.clone());
+    publish_acked(jetstream, event.event_type.subject(), publish, timeout).await
+}
+
+/// Publishes one message and waits up to `timeout` for the acknowledgement.
+pub async fn publish_acked(
+    jetstream: &jetstream::Context,
+    subject: String,
+    publish: PublishMessage,
+    timeout: Duration,
+) -> Result<PublishAck, PublishError> {
+    if jetstream.client().connection_state() != async_nats::connection::State::Connected {
+        return Err(PublishError::Disconnected);
+    }
+    let acked = async {
+        let ack_future = jetstream
+            .send_publish(subject, publish)
+            .await
+            .map_err(|err| PublishError::Rejected(err.to_string()))?;
+        ack_future
+            .await
+            .map_err(|err| PublishError::Rejected(err.to_string()))
+    };
+    match tokio::time::timeout(timeout, acked).await {
+        Ok(result) => result,
+        Err(_) => Err(PublishError::TimedOut(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_version_gate() {
+        assert!(check_server_version("2.10.0").is_ok());
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("3.0.0-beta").is_ok());
+        assert!(check_server_version("2.9.10").is_err());
+        assert!(check_server_version("").is_err());
+    }
+}
