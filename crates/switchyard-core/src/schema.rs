@@ -108,8 +108,13 @@ impl SchemaRegistry {
         let mut validators = BTreeMap::new();
         let mut documents = BTreeMap::new();
         for (path, event_type, document) in schemas {
-            let validator =
-                jsonschema::draft202012::new(&document).map_err(|err| SchemaError::Compile {
+            // Formats such as `date-time` and `uri` are only annotations in draft 2020-12
+            // unless enabled; producers expect them checked, so they are asserted here.
+            let validator = jsonschema::options()
+                .with_draft(jsonschema::Draft::Draft202012)
+                .should_validate_formats(true)
+                .build(&document)
+                .map_err(|err| SchemaError::Compile {
                     path: path.clone(),
                     message: err.to_string(),
                 })?;

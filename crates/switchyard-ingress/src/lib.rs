@@ -1,5 +1,106 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The Switchyard HTTP ingress.
+//!
+//! Producers POST events; the ingress checks the media type, the size, the JSON and the
+//! schema, publishes to JetStream and answers 202 only after JetStream acknowledged the
+//! message. Routes:
+//!
+//! - `POST /v1/events/{type}`: one event, the body is its data.
+//! - `POST /v1/events`: a batch, a structured CloudEvent, a CloudEvents batch, or one
+//!   binary-mode CloudEvent (a `ce-type` header).
+//! - `GET /healthz` (the process runs) and `GET /readyz` (NATS connected, streams present).
+
+mod body;
+mod cloudevents;
+mod events;
+mod health;
+mod problem;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use switchyard_core::config::Config;
+use switchyard_core::schema::SchemaRegistry;
+use tower_http::trace::TraceLayer;
+
+pub use problem::{PROBLEM_CONTENT_TYPE, Problem};
+
+/// Bytes kept free under the server's `max_payload` for the headers Switchyard adds.
+pub const HEADER_RESERVE_BYTES: usize = 8 * 1024;
+
+/// Shared state of the ingress handlers.
+pub struct Ingress {
+    jetstream: jetstream::Context,
+    schemas: Arc<SchemaRegistry>,
+    body_limit: usize,
+    max_batch_events: usize,
+    publish_timeout: Duration,
+    retry_after: Duration,
+    stream_names: [String; 2],
+}
+
+impl Ingress {
+    /// Builds the ingress state.
+    ///
+    /// The body limit is the configured one, lowered when needed so that a body plus its
+    /// headers fits the NATS server's `max_payload` (read at connect).
+    pub fn new(
+        config: &Config,
+        jetstream: jetstream::Context,
+        schemas: Arc<SchemaRegistry>,
+    ) -> Self {
+        let max_payload = jetstream.client().server_info().max_payload;
+        let body_limit = effective_body_limit(config.server.max_body_bytes, max_payload);
+        if body_limit < config.server.max_body_bytes {
+            tracing::warn!(
+                configured = config.server.max_body_bytes,
+                max_payload,
+                body_limit,
+                "server.max_body_bytes lowered to fit the NATS server's max_payload"
+            );
+        }
+        Self {
+            jetstream,
+            schemas,
+            body_limit,
+            max_batch_events: config.server.max_batch_events,
+            publish_timeout: config.server.publish_timeout,
+            retry_after: config.server.unavailable_retry_after,
+            stream_names: [
+                config.streams.events.name.clone(),
+                config.streams.dlq.name.clone(),
+            ],
+        }
+    }
+
+    /// Returns the body limit in force, in bytes.
+    pub fn body_limit(&self) -> usize {
+        self.body_limit
+    }
+}
+
+/// Returns the largest body that fits both the configuration and `max_payload`.
+pub fn effective_body_limit(configured: usize, max_payload: usize) -> usize {
+    if max_payload == 0 {
+        return configured;
+    }
+    configured.min(max_payload.saturating_sub(HEADER_RESERVE_BYTES).max(1))
+}
+
+/// Builds the axum router of the ingress.
+pub fn router(ingress: Arc<Ingress>) -> Router {
+    Router::new()
+        .route("/v1/events", post(events::publish_batch))
+        .route("/v1/events/{event_type}", post(events::publish_one))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        // The handlers enforce the configured limit themselves, with a problem response.
+        .layer(DefaultBodyLimit::disable())
+        .layer(TraceLayer::new_for_http())
+        .with_state(ingress)
 }
 
 #[cfg(test)]
@@ -7,8 +108,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+    fn body_limit_fits_max_payload() {
+        assert_eq!(
+            effective_body_limit(1024 * 1024, 8 * 1024 * 1024),
+            1024 * 1024
+        );
+        assert_eq!(
+            effective_body_limit(1024 * 1024, 1024 * 1024),
+            1024 * 1024 - HEADER_RESERVE_BYTES
+        );
+        assert_eq!(effective_body_limit(1000, 0), 1000);
     }
 }

@@ -1,0 +1,376 @@
+//! The publish handlers: one event, a batch, and the CloudEvents modes.
+//!
+//! Each accepted event goes through the same steps: check the type, check the id, validate
+//! the payload against its schema, publish, and wait for the JetStream acknowledgement.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+use switchyard_core::event::{self, Event, EventType, headers as names};
+use switchyard_core::nats::{self, PublishError};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::Ingress;
+use crate::body::{self, MediaType};
+use crate::cloudevents;
+use crate::problem::Problem;
+
+/// Header that carries a producer-chosen event id.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The answer for one accepted event.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Sequence of the event in the `EVENTS` stream.
+    pub seq: u64,
+    /// True when the id was seen inside the duplicate window, so nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// Attributes of an event besides its type and payload, as the producer gave them.
+#[derive(Debug, Default)]
+pub struct Attributes {
+    pub id: Option<String>,
+    pub source: Option<String>,
+    pub time: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl Attributes {
+    /// Reads the id, the binary-mode CloudEvents attributes and the trace context.
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::trim)
+                .filter(|value| !value.is_empty())
+                .map(str::to_owned)
+        };
+        Self {
+            // An empty Idempotency-Key counts as absent.
+            id: text(IDEMPOTENCY_KEY).or_else(|| text(names::CE_ID)),
+            source: text(names::CE_SOURCE),
+            time: text(names::CE_TIME),
+            traceparent: text(names::TRACEPARENT).filter(|value| is_valid_traceparent(value)),
+            tracestate: text(names::TRACESTATE),
+        }
+    }
+}
+
+/// Checks the W3C `traceparent` shape: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
+///
+/// An invalid value is dropped, so the event starts a new trace instead of being rejected.
+fn is_valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |part: &str, len: usize| {
+        part.len() == len && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let valid = parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0');
+    if !valid {
+        tracing::debug!(traceparent = value, "ignoring an invalid traceparent");
+    }
+    valid
+}
+
+/// `POST /v1/events/{type}`: the body is the data of one event.
+pub async fn publish_one(
+    State(ingress): State<Arc<Ingress>>,
+    Path(event_type): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match accept_one(&ingress, &event_type, &headers, body).await {
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+        Err(problem) => problem.into_response(),
+    }
+}
+
+async fn accept_one(
+    ingress: &Ingress,
+    event_type: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, Problem> {
+    let media_type = body::media_type(headers)?;
+    if media_type != MediaType::Json {
+        return Err(Problem::unsupported_media_type(
+            "CloudEvents structured mode goes to POST /v1/events; send the data of one event \
+             here as application/json"
+                .to_owned(),
+        ));
+    }
+    let bytes = body::read_limited(headers, body, ingress.body_limit).await?;
+    let (payload, value) = body::parse_json(&bytes)?;
+
+    let attributes = Attributes::from_headers(headers);
+    if let Some(ce_type) = headers.get(names::CE_TYPE).and_then(|v| v.to_str().ok())
+        && ce_type != event_type
+    {
+        return Err(Problem::bad_request(
+            "type-mismatch",
+            format!(
+                "ce-type header \"{ce_type}\" differs from the type \"{event_type}\" in the \
+                 path: send one type"
+            ),
+        ));
+    }
+    let event = build_event(ingress, event_type, payload, &value, attributes)?;
+    publish(ingress, &event).await
+}
+
+/// `POST /v1/events`: a batch, a structured CloudEvent, a CloudEvents batch, or a
+/// binary-mode CloudEvent.
+pub async fn publish_batch(
+    State(ingress): State<Arc<Ingress>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let media_type = match body::media_type(&headers) {
+        Ok(media_type) => media_type,
+        Err(problem) => return problem.into_response(),
+    };
+    let bytes = match body::read_limited(&headers, body, ingress.body_limit).await {
+        Ok(bytes) => bytes,
+        Err(problem) => return problem.into_response(),
+    };
+
+    match media_type {
+        MediaType::Json => {
+            let binary_type = headers
+                .get(names::CE_TYPE)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
+            match binary_type {
+                Some(event_type) => {
+                    single_response(accept_binary(&ingress, &event_type, &headers, &bytes).await)
+                }
+                None => batch_response(&ingress, cloudevents::parse_batch(&ingress, &bytes)).await,
+            }
+        }
+        MediaType::CloudEvent => {
+            let accepted = match cloudevents::parse_structured(&ingress, &bytes) {
+                Ok(event) => publish(&ingress, &event).await,
+                Err(problem) => Err(problem),
+            };
+            single_response(accepted)
+        }
+        MediaType::CloudEventBatch => {
+            batch_response(
+                &ingress,
+                cloudevents::parse_structured_batch(&ingress, &bytes),
+            )
+            .await
+        }
+    }
+}
+
+async fn accept_binary(
+    ingress: &Ingress,
+    event_type: &str,
+    headers: &HeaderMap,
+    bytes: &Bytes,
+) -> Result<Accepted, Problem> {
+    let (payload, value) = body::parse_json(bytes)?;
+    let event = build_event(
+        ingress,
+        event_type,
+        payload,
+        &value,
+        Attributes::from_headers(headers),
+    )?;
+    publish(ingress, &event).await
+}
+
+fn single_response(result: Result<Accepted, Problem>) -> Response {
+    match result {
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+        Err(problem) => problem.into_response(),
+    }
+}
+
+/// One entry of a batch answer.
+#[derive(Debug, Serialize)]
+struct BatchResult {
+    index: usize,
+    status: u16,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    accepted: Option<Accepted>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<Problem>,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchAnswer {
+    accepted: usize,
+    failed: usize,
+    results: Vec<BatchResult>,
+}
+
+/// Publishes the valid events of a batch at once and answers per item.
+///
+/// The answer is 202 when every item was accepted, 503 when every item failed because
+/// JetStream was unavailable, and 207 otherwise. Items answered 202 are durable, so a
+/// client may resend the batch with the same ids and let deduplication drop the repeats.
+async fn batch_response(
+    ingress: &Ingress,
+    parsed: Result<Vec<Result<Event, Problem>>, Problem>,
+) -> Response {
+    let items = match parsed {
+        Ok(items) => items,
+        Err(problem) => return problem.into_response(),
+    };
+
+    let outcomes = futures::future::join_all(items.into_iter().map(|item| async move {
+        match item {
+            Ok(event) => publish(ingress, &event).await,
+            Err(problem) => Err(problem),
+        }
+    }))
+    .await;
+
+    let all_unavailable = outcomes
+        .iter()
+        .all(|outcome| matches!(outcome, Err(p) if p.status == StatusCode::SERVICE_UNAVAILABLE));
+    if all_unavailable && let Some(Err(problem)) = outcomes.first() {
+        return problem.clone().into_response();
+    }
+
+    let mut answer = BatchAnswer {
+        accepted: 0,
+        failed: 0,
+        results: Vec::new(),
+    };
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        let result = match outcome {
+            Ok(accepted) => {
+                answer.accepted += 1;
+                BatchResult {
+                    index,
+                    status: StatusCode::ACCEPTED.as_u16(),
+                    accepted: Some(accepted),
+                    problem: None,
+                }
+            }
+            Err(problem) => {
+                answer.failed += 1;
+                BatchResult {
+                    index,
+                    status: problem.status.as_u16(),
+                    accepted: None,
+                    problem: Some(problem),
+                }
+            }
+        };
+        answer.results.push(result);
+    }
+    let status = if answer.failed == 0 {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::MULTI_STATUS
+    };
+    (status, Json(answer)).into_response()
+}
+
+/// Checks the type, the id and the schema, and builds the event to publish.
+pub fn build_event(
+    ingress: &Ingress,
+    event_type: &str,
+    payload: Bytes,
+    value: &Value,
+    attributes: Attributes,
+) -> Result<Event, Problem> {
+    let event_type: EventType = event_type.parse().map_err(|err: event::EventNameError| {
+        Problem::bad_request("invalid-event-type", err.to_string())
+    })?;
+    let Some(violations) = ingress.schemas.validate(&event_type, value) else {
+        return Err(Problem::unknown_type(event_type.as_str()));
+    };
+    if !violations.is_empty() {
+        return Err(Problem::schema_violation(event_type.as_str(), violations));
+    }
+
+    let mut event = Event::new(event_type, payload);
+    if let Some(id) = attributes.id {
+        event::validate_event_id(&id)
+            .map_err(|err| Problem::bad_request("invalid-event-id", err.to_string()))?;
+        event.id = id;
+    }
+    if let Some(source) = attributes.source {
+        event.source = source;
+    }
+    if let Some(time) = attributes.time {
+        event.time = OffsetDateTime::parse(&time, &Rfc3339).map_err(|_| {
+            Problem::bad_request(
+                "invalid-time",
+                format!(
+                    "time \"{time}\" is not an RFC 3339 timestamp such as 2026-01-31T12:00:00Z"
+                ),
+            )
+        })?;
+    }
+    event.traceparent = attributes.traceparent;
+    event.tracestate = attributes.tracestate;
+    Ok(event)
+}
+
+/// Publishes and waits for the acknowledgement; any failure is a 503 with `Retry-After`.
+pub async fn publish(ingress: &Ingress, event: &Event) -> Result<Accepted, Problem> {
+    match nats::publish_event(&ingress.jetstream, event, ingress.publish_timeout).await {
+        Ok(ack) => Ok(Accepted {
+            id: event.id.clone(),
+            event_type: event.event_type.to_string(),
+            seq: ack.sequence,
+            duplicate: ack.duplicate,
+        }),
+        Err(err) => {
+            let detail = match &err {
+                PublishError::Disconnected => {
+                    "NATS is not connected, so the event was not stored: retry later".to_owned()
+                }
+                PublishError::TimedOut(_) | PublishError::Rejected(_) => {
+                    format!("the event was not stored ({err}): retry later with the same id")
+                }
+            };
+            Err(Problem::unavailable(detail, ingress.retry_after))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_shape() {
+        assert!(is_valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent("garbage"));
+    }
+}
