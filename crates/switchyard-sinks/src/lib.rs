@@ -1,14 +1,183 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Switchyard sinks: each sink is one durable pull consumer `sink_<name>` on the events
+//! stream, shared by every router that runs the same configuration, so the routers split
+//! its work.
+//!
+//! - [`retry`] holds the one retry decision.
+//! - [`http`] sends a request to a `webhook` or `n8n` endpoint.
+//! - [`signing`] computes Standard Webhooks signatures.
+//! - [`template`] compiles filters and transforms.
+//! - [`worker`] runs the delivery loop.
+//! - [`dlq`] writes, lists and replays dead letters.
+
+pub mod dlq;
+pub mod http;
+pub mod retry;
+pub mod signing;
+pub mod template;
+pub mod worker;
+
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, consumer};
+use switchyard_core::config::{Config, SinkConfig, ValidationError};
+use switchyard_core::event::{EventPattern, REPLAY_SUBJECT_PREFIX};
+use switchyard_core::schema::SchemaRegistry;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::HttpTarget;
+use crate::template::SinkTemplates;
+use crate::worker::SinkWorker;
+
+/// Unacknowledged messages a consumer allows across all routers, for unordered sinks.
+pub const MAX_ACK_PENDING: i64 = 10_000;
+
+/// A sink that could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sink {sink}: {message}")]
+    Setup { sink: String, message: String },
+    #[error("sink {sink}: failed to create or update consumer {consumer}: {message}")]
+    Consumer {
+        sink: String,
+        consumer: String,
+        message: String,
+    },
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Returns the durable consumer name of a sink.
+pub fn consumer_name(sink: &str) -> String {
+    format!("sink_{sink}")
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// Checks what only the sinks can check: templates compile, secrets decode, headers are
+/// valid. Errors name their key, like [`Config::validate`].
+pub fn check(config: &Config) -> Vec<ValidationError> {
+    let mut errors = Vec::new();
+    let Ok(client) = http::build_client() else {
+        return errors;
+    };
+    for (index, sink) in config.sinks.iter().enumerate() {
+        let key = format!("sinks[{index}]");
+        if let Err(err) = SinkTemplates::new(sink.filter.as_deref(), sink.transform.as_deref()) {
+            let field = match err {
+                template::TemplateError::Filter(_) => "filter",
+                template::TemplateError::Transform(_) => "transform",
+            };
+            errors.push(ValidationError {
+                key: format!("{key}.{field}"),
+                message: err.to_string(),
+            });
+        }
+        if let Err(err) = HttpTarget::new(sink, client.clone()) {
+            let field = match err {
+                http::HttpSetupError::Secret(_) => "secrets",
+                http::HttpSetupError::Url(_) => "url",
+                _ => "headers",
+            };
+            errors.push(ValidationError {
+                key: format!("{key}.{field}"),
+                message: err.to_string(),
+            });
+        }
     }
+    errors
+}
+
+/// Creates or updates every sink's consumer and starts its delivery loop.
+pub async fn start(
+    config: &Config,
+    jetstream: &jetstream::Context,
+    schemas: Arc<SchemaRegistry>,
+    shutdown: CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, SinkError> {
+    let client = http::build_client().map_err(|err| SinkError::Setup {
+        sink: "*".to_owned(),
+        message: format!("failed to build the HTTP client: {err}"),
+    })?;
+
+    let mut workers = Vec::with_capacity(config.sinks.len());
+    for sink in &config.sinks {
+        let setup_error = |message: String| SinkError::Setup {
+            sink: sink.name.clone(),
+            message,
+        };
+        let templates = SinkTemplates::new(sink.filter.as_deref(), sink.transform.as_deref())
+            .map_err(|err| setup_error(err.to_string()))?;
+        let target =
+            HttpTarget::new(sink, client.clone()).map_err(|err| setup_error(err.to_string()))?;
+        let consumer = ensure_consumer(jetstream, &config.streams.events.name, sink).await?;
+        workers.push(SinkWorker {
+            config: sink.clone(),
+            consumer,
+            jetstream: jetstream.clone(),
+            schemas: schemas.clone(),
+            templates,
+            target,
+            limiter: SinkWorker::limiter_for(sink),
+        });
+    }
+
+    Ok(workers
+        .into_iter()
+        .map(|worker| tokio::spawn(Arc::new(worker).run(shutdown.clone())))
+        .collect())
+}
+
+/// Creates the sink's durable consumer or updates it to the configuration.
+///
+/// A new consumer starts with events published after its creation, as a new webhook
+/// endpoint does in Svix or Convoy; `dlq replay` sends older events again.
+async fn ensure_consumer(
+    jetstream: &jetstream::Context,
+    stream_name: &str,
+    sink: &SinkConfig,
+) -> Result<consumer::PullConsumer, SinkError> {
+    let name = consumer_name(&sink.name);
+    let consumer_error = |message: String| SinkError::Consumer {
+        sink: sink.name.clone(),
+        consumer: name.clone(),
+        message,
+    };
+
+    let mut filter_subjects = Vec::with_capacity(sink.events.len() + 1);
+    for pattern in &sink.events {
+        let pattern: EventPattern =
+            pattern
+                .parse()
+                .map_err(|err: switchyard_core::event::EventNameError| {
+                    consumer_error(err.to_string())
+                })?;
+        filter_subjects.push(pattern.subject_filter());
+    }
+    filter_subjects.push(format!("{REPLAY_SUBJECT_PREFIX}.{}.>", sink.name));
+
+    let ordered = sink.delivery.ordered;
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(name.clone()),
+        name: Some(name.clone()),
+        description: Some(format!(
+            "Switchyard sink {} ({})",
+            sink.name,
+            sink.kind.as_str()
+        )),
+        filter_subjects,
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: sink.delivery.ack_wait,
+        // Attempts are counted by the router, which dead-letters instead of letting the
+        // server drop a message silently.
+        max_deliver: -1,
+        max_ack_pending: if ordered { 1 } else { MAX_ACK_PENDING },
+        ..Default::default()
+    };
+
+    let stream = jetstream
+        .get_stream(stream_name)
+        .await
+        .map_err(|err| consumer_error(err.to_string()))?;
+    stream
+        .create_consumer(consumer_config)
+        .await
+        .map_err(|err| consumer_error(err.to_string()))
 }
