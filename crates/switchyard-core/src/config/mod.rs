@@ -64,7 +64,7 @@ pub const DEFAULT_N8N_NOT_REGISTERED_ATTEMPTS: u32 = 5;
 pub const DEFAULT_N8N_NOT_REGISTERED_DELAY: Duration = Duration::from_secs(10);
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -261,18 +261,6 @@ pub struct DeliveryConfig {
     /// n8n only: delay between those retries.
     #[serde(default = "default_n8n_not_registered_delay", with = "humantime_serde")]
     pub not_registered_delay: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            nats: NatsConfig::default(),
-            streams: StreamsConfig::default(),
-            schemas: SchemasConfig::default(),
-            sinks: Vec::new(),
-        }
-    }
 }
 
 impl Default for ServerConfig {
