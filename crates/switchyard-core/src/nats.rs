@@ -45,6 +45,9 @@ pub enum PublishError {
     TimedOut(Duration),
     #[error("JetStream rejected the publish: {0}")]
     Rejected(String),
+    /// The payload plus headers exceed the server's `max_payload`, so a retry fails again.
+    #[error("the message is larger than the NATS server's max_payload: {0}")]
+    TooLarge(String),
 }
 
 /// Connects with the configured credentials, and checks the server version.
@@ -74,8 +77,16 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, NatsError> {
         options = options.token(token.expose_secret().to_owned());
     }
 
+    // async-nats parses a single string as one URL, so a comma-separated server list is
+    // split here.
+    let urls: Vec<&str> = config
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect();
     let client = options
-        .connect(config.url.as_str())
+        .connect(urls)
         .await
         .map_err(|source| NatsError::Connect {
             url: config.url.clone(),
@@ -136,6 +147,8 @@ async fn ensure_stream(
         duplicate_window: config.duplicate_window,
         num_replicas: config.replicas,
         max_bytes: config.max_bytes.unwrap_or(-1),
+        // Direct gets let every router read the oldest pending event for its metrics.
+        allow_direct: true,
         ..Default::default()
     };
     jetstream
@@ -175,7 +188,12 @@ pub async fn publish_acked(
         let ack_future = jetstream
             .send_publish(subject, publish)
             .await
-            .map_err(|err| PublishError::Rejected(err.to_string()))?;
+            .map_err(|err| match err.kind() {
+                jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                    PublishError::TooLarge(err.to_string())
+                }
+                _ => PublishError::Rejected(err.to_string()),
+            })?;
         ack_future
             .await
             .map_err(|err| PublishError::Rejected(err.to_string()))

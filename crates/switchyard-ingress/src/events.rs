@@ -4,6 +4,7 @@
 //! the payload against its schema, publish, and wait for the JetStream acknowledgement.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
@@ -15,8 +16,11 @@ use serde::Serialize;
 use serde_json::Value;
 use switchyard_core::event::{self, Event, EventType, headers as names};
 use switchyard_core::nats::{self, PublishError};
+use switchyard_telemetry::metrics::{EventTypeLabels, RejectLabels, UNKNOWN_TYPE, metrics};
+use switchyard_telemetry::propagation;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tracing::Instrument;
 
 use crate::Ingress;
 use crate::body::{self, MediaType};
@@ -99,10 +103,8 @@ pub async fn publish_one(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match accept_one(&ingress, &event_type, &headers, body).await {
-        Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
-        Err(problem) => problem.into_response(),
-    }
+    let result = accept_one(&ingress, &event_type, &headers, body).await;
+    single_response(&ingress, Some(&event_type), result)
 }
 
 async fn accept_one(
@@ -147,11 +149,17 @@ pub async fn publish_batch(
 ) -> Response {
     let media_type = match body::media_type(&headers) {
         Ok(media_type) => media_type,
-        Err(problem) => return problem.into_response(),
+        Err(problem) => {
+            count_rejected(&ingress, None, &problem);
+            return problem.into_response();
+        }
     };
     let bytes = match body::read_limited(&headers, body, ingress.body_limit).await {
         Ok(bytes) => bytes,
-        Err(problem) => return problem.into_response(),
+        Err(problem) => {
+            count_rejected(&ingress, None, &problem);
+            return problem.into_response();
+        }
     };
 
     match media_type {
@@ -162,7 +170,8 @@ pub async fn publish_batch(
                 .map(str::to_owned);
             match binary_type {
                 Some(event_type) => {
-                    single_response(accept_binary(&ingress, &event_type, &headers, &bytes).await)
+                    let result = accept_binary(&ingress, &event_type, &headers, &bytes).await;
+                    single_response(&ingress, Some(&event_type), result)
                 }
                 None => batch_response(&ingress, cloudevents::parse_batch(&ingress, &bytes)).await,
             }
@@ -172,7 +181,7 @@ pub async fn publish_batch(
                 Ok(event) => publish(&ingress, &event).await,
                 Err(problem) => Err(problem),
             };
-            single_response(accepted)
+            single_response(&ingress, None, accepted)
         }
         MediaType::CloudEventBatch => {
             batch_response(
@@ -201,11 +210,31 @@ async fn accept_binary(
     publish(ingress, &event).await
 }
 
-fn single_response(result: Result<Accepted, Problem>) -> Response {
+fn single_response(
+    ingress: &Ingress,
+    event_type: Option<&str>,
+    result: Result<Accepted, Problem>,
+) -> Response {
     match result {
         Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
-        Err(problem) => problem.into_response(),
+        Err(problem) => {
+            count_rejected(ingress, event_type, &problem);
+            problem.into_response()
+        }
     }
+}
+
+/// Counts a rejection; the type is a label only when it has a schema, so arbitrary
+/// request paths cannot grow the metric without bound.
+fn count_rejected(ingress: &Ingress, event_type: Option<&str>, problem: &Problem) {
+    let known = event_type
+        .and_then(|name| name.parse::<EventType>().ok())
+        .filter(|parsed| ingress.schemas.contains(parsed));
+    let labels = RejectLabels {
+        event_type: known.map_or_else(|| UNKNOWN_TYPE.to_owned(), |t| t.to_string()),
+        reason: problem.slug().to_owned(),
+    };
+    metrics().events_rejected.get_or_create(&labels).inc();
 }
 
 /// One entry of a batch answer.
@@ -237,7 +266,10 @@ async fn batch_response(
 ) -> Response {
     let items = match parsed {
         Ok(items) => items,
-        Err(problem) => return problem.into_response(),
+        Err(problem) => {
+            count_rejected(ingress, None, &problem);
+            return problem.into_response();
+        }
     };
 
     let outcomes = futures::future::join_all(items.into_iter().map(|item| async move {
@@ -272,6 +304,7 @@ async fn batch_response(
                 }
             }
             Err(problem) => {
+                count_rejected(ingress, None, &problem);
                 answer.failed += 1;
                 BatchResult {
                     index,
@@ -302,7 +335,9 @@ pub fn build_event(
     let event_type: EventType = event_type.parse().map_err(|err: event::EventNameError| {
         Problem::bad_request("invalid-event-type", err.to_string())
     })?;
-    let Some(violations) = ingress.schemas.validate(&event_type, value) else {
+    let validation = tracing::info_span!("schema.validate", event.r#type = %event_type);
+    let Some(violations) = validation.in_scope(|| ingress.schemas.validate(&event_type, value))
+    else {
         return Err(Problem::unknown_type(event_type.as_str()));
     };
     if !violations.is_empty() {
@@ -333,17 +368,63 @@ pub fn build_event(
     Ok(event)
 }
 
-/// Publishes and waits for the acknowledgement; any failure is a 503 with `Retry-After`.
+/// Publishes and waits for the acknowledgement. A failure is a 503 with `Retry-After`,
+/// except an event larger than the NATS server's `max_payload`, which is a 413.
+///
+/// The publish runs in a producer span whose trace context replaces the producer's
+/// `traceparent` on the stored event, so every delivery joins the same trace.
 pub async fn publish(ingress: &Ingress, event: &Event) -> Result<Accepted, Problem> {
-    match nats::publish_event(&ingress.jetstream, event, ingress.publish_timeout).await {
-        Ok(ack) => Ok(Accepted {
-            id: event.id.clone(),
-            event_type: event.event_type.to_string(),
-            seq: ack.sequence,
-            duplicate: ack.duplicate,
-        }),
+    let subject = event.event_type.subject();
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = %format!("publish {subject}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = %subject,
+        messaging.message.id = %event.id,
+    );
+    let mut event = event.clone();
+    if let Some((traceparent, tracestate)) = propagation::current_headers(&span) {
+        event.traceparent = Some(traceparent);
+        event.tracestate = tracestate;
+    }
+
+    let started = Instant::now();
+    let published = nats::publish_event(&ingress.jetstream, &event, ingress.publish_timeout)
+        .instrument(span)
+        .await;
+    match published {
+        Ok(ack) => {
+            let labels = EventTypeLabels {
+                event_type: event.event_type.to_string(),
+            };
+            metrics().events_accepted.get_or_create(&labels).inc();
+            metrics()
+                .publish_duration
+                .observe(started.elapsed().as_secs_f64());
+            Ok(Accepted {
+                id: event.id.clone(),
+                event_type: event.event_type.to_string(),
+                seq: ack.sequence,
+                duplicate: ack.duplicate,
+            })
+        }
         Err(err) => {
             let detail = match &err {
+                // A retry would fail the same way, so this is the client's 413, not a 503.
+                PublishError::TooLarge(message) => {
+                    return Err(Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "event-too-large",
+                        "Event too large",
+                        format!(
+                            "the event with its headers is larger than the NATS server's \
+                             max_payload ({message}): send a smaller body or shorter ce-source \
+                             and tracestate headers"
+                        ),
+                    ));
+                }
                 PublishError::Disconnected => {
                     "NATS is not connected, so the event was not stored: retry later".to_owned()
                 }

@@ -44,3 +44,16 @@ pub async fn readyz(AxumState(ingress): AxumState<Arc<Ingress>>) -> Response {
     }
     (StatusCode::OK, "ready\n").into_response()
 }
+
+/// Serves the Prometheus metrics of the process.
+pub async fn metrics() -> Response {
+    let body = switchyard_telemetry::metrics::metrics().encode();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            switchyard_telemetry::metrics::CONTENT_TYPE,
+        )],
+        body,
+    )
+        .into_response()
+}

@@ -24,11 +24,15 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath};
+use axum::http::Request;
 use axum::routing::{get, post};
 use switchyard_core::config::Config;
 use switchyard_core::schema::SchemaRegistry;
+use switchyard_telemetry::propagation;
 use tower_http::trace::TraceLayer;
+use tracing::Span;
 
 pub use problem::{PROBLEM_CONTENT_TYPE, Problem};
 
@@ -101,10 +105,44 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
         .route("/v1/events/{event_type}", post(events::publish_one))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         // The handlers enforce the configured limit themselves, with a problem response.
         .layer(DefaultBodyLimit::disable())
-        .layer(TraceLayer::new_for_http())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(record_response),
+        )
         .with_state(ingress)
+}
+
+/// Opens the server span of a request, continuing the caller's trace when its
+/// `traceparent` is valid.
+fn request_span(request: &Request<Body>) -> Span {
+    let route = request.extensions().get::<MatchedPath>().map_or_else(
+        || request.uri().path().to_owned(),
+        |path| path.as_str().to_owned(),
+    );
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format!("{} {route}", request.method()),
+        otel.kind = "server",
+        http.request.method = %request.method(),
+        http.route = %route,
+        url.path = %request.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    propagation::continue_trace(&span, &propagation::HttpHeaders(request.headers()));
+    span
+}
+
+fn record_response(response: &axum::response::Response, latency: Duration, span: &Span) {
+    span.record("http.response.status_code", response.status().as_u16());
+    tracing::debug!(
+        status = response.status().as_u16(),
+        latency_ms = latency.as_millis() as u64,
+        "request finished"
+    );
 }
 
 #[cfg(test)]

@@ -59,6 +59,13 @@ impl Problem {
         }
     }
 
+    /// Returns the last segment of the problem type, such as `invalid-json`.
+    pub fn slug(&self) -> &str {
+        self.problem_type
+            .strip_prefix(PROBLEM_TYPE_BASE)
+            .unwrap_or(&self.problem_type)
+    }
+
     pub fn bad_request(slug: &str, detail: String) -> Self {
         Self::new(StatusCode::BAD_REQUEST, slug, "Bad request", detail)
     }

@@ -12,10 +12,14 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
+use opentelemetry::trace::TraceContextExt;
 use switchyard_core::event::{DLQ_SUBJECT_PREFIX, REPLAY_SUBJECT_PREFIX, headers as names};
 use switchyard_core::nats::{PublishError, publish_acked};
+use switchyard_telemetry::propagation;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Longest header value written for an error or a response excerpt, in bytes.
 const MAX_HEADER_TEXT_BYTES: usize = 256;
@@ -250,7 +254,8 @@ pub async fn replay(
     let mut headers = HeaderMap::new();
     for (name, values) in letter.headers.iter() {
         let name_text: &str = name.as_ref();
-        if name_text.starts_with("Switchyard-") || name_text == names::NATS_MSG_ID {
+        let replaced = [names::NATS_MSG_ID, names::TRACEPARENT, names::TRACESTATE];
+        if name_text.starts_with("Switchyard-") || replaced.contains(&name_text) {
             continue;
         }
         for value in values {
@@ -260,6 +265,36 @@ pub async fn replay(
     // Replaying the same letter twice inside the duplicate window stores it once.
     let message_id = format!("replay:{stream_name}:{seq}");
     headers.insert(names::NATS_MSG_ID, message_id.as_str());
+
+    // A replay is a new trace, linked to the trace of the original event.
+    let span = tracing::info_span!(
+        "replay",
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        sink = %letter.sink,
+        dlq_sequence = seq,
+    );
+    let _ = span.set_parent(opentelemetry::Context::new());
+    let original = propagation::extract(&propagation::NatsHeaders(&letter.headers));
+    let original_span = original.span().span_context().clone();
+    if original_span.is_valid() {
+        span.add_link(original_span);
+    }
+    let original_trace = |name: &str| letter.headers.get(name).map(|v| v.as_str().to_owned());
+    let (traceparent, tracestate) = match propagation::current_headers(&span) {
+        Some((traceparent, tracestate)) => (Some(traceparent), tracestate),
+        None => (
+            original_trace(names::TRACEPARENT),
+            original_trace(names::TRACESTATE),
+        ),
+    };
+    if let Some(traceparent) = traceparent {
+        headers.insert(names::TRACEPARENT, traceparent.as_str());
+    }
+    if let Some(tracestate) = tracestate {
+        headers.insert(names::TRACESTATE, tracestate.as_str());
+    }
 
     let event_type = if letter.event_type.is_empty() {
         "unknown"
@@ -271,6 +306,7 @@ pub async fn replay(
         .headers(headers)
         .payload(letter.payload.clone());
     let ack = publish_acked(jetstream, subject, publish, timeout)
+        .instrument(span)
         .await
         .map_err(|source| DlqError::Publish { seq, source })?;
 

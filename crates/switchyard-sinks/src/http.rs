@@ -76,6 +76,11 @@ impl HttpTarget {
         })
     }
 
+    /// Returns the host of the endpoint, for span attributes.
+    pub fn host(&self) -> &str {
+        self.url.host_str().unwrap_or_default()
+    }
+
     /// Sends one attempt and reports its outcome; never returns an error.
     pub async fn send(
         &self,

@@ -17,6 +17,7 @@ pub mod template;
 pub mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use switchyard_core::config::{Config, SinkConfig, ValidationError};
@@ -24,6 +25,9 @@ use switchyard_core::event::{EventPattern, REPLAY_SUBJECT_PREFIX};
 use switchyard_core::schema::SchemaRegistry;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use switchyard_telemetry::metrics::{Metrics, metrics};
+use switchyard_telemetry::throttle::LogThrottle;
 
 use crate::http::HttpTarget;
 use crate::template::SinkTemplates;
@@ -72,7 +76,8 @@ pub fn check(config: &Config) -> Vec<ValidationError> {
         if let Err(err) = HttpTarget::new(sink, client.clone()) {
             let field = match err {
                 http::HttpSetupError::Secret(_) => "secrets",
-                http::HttpSetupError::Url(_) => "url",
+                // `Config::validate` already reports an invalid URL under the same key.
+                http::HttpSetupError::Url(_) => continue,
                 _ => "headers",
             };
             errors.push(ValidationError {
@@ -115,13 +120,86 @@ pub async fn start(
             templates,
             target,
             limiter: SinkWorker::limiter_for(sink),
+            throttle: LogThrottle::default(),
         });
     }
 
-    Ok(workers
-        .into_iter()
-        .map(|worker| tokio::spawn(Arc::new(worker).run(shutdown.clone())))
-        .collect())
+    let mut handles = Vec::with_capacity(workers.len() * 2);
+    for worker in workers {
+        let monitor = PendingMonitor {
+            sink: worker.config.name.clone(),
+            consumer: worker.consumer.clone(),
+            jetstream: jetstream.clone(),
+            stream_name: config.streams.events.name.clone(),
+        };
+        handles.push(tokio::spawn(monitor.run(shutdown.clone())));
+        handles.push(tokio::spawn(Arc::new(worker).run(shutdown.clone())));
+    }
+    Ok(handles)
+}
+
+/// How often the pending gauges are refreshed.
+const PENDING_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the per-sink pending count and oldest pending age up to date.
+struct PendingMonitor {
+    sink: String,
+    consumer: consumer::PullConsumer,
+    jetstream: jetstream::Context,
+    stream_name: String,
+}
+
+impl PendingMonitor {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(PENDING_POLL_INTERVAL);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            if let Err(err) = self.refresh().await {
+                tracing::debug!(sink = %self.sink, error = %err, "failed to refresh pending metrics");
+            }
+        }
+    }
+
+    async fn refresh(&self) -> Result<(), async_nats::Error> {
+        let info = self.consumer.get_info().await?;
+        let pending = info.num_pending.saturating_add(info.num_ack_pending as u64);
+        let labels = Metrics::sink(&self.sink);
+        metrics()
+            .consumer_pending
+            .get_or_create(&labels)
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+
+        // The oldest event not yet acknowledged is the first one after the ack floor that
+        // matches one of the consumer's filters.
+        let mut oldest = None;
+        if pending > 0 {
+            let stream = self.jetstream.get_stream_no_info(&self.stream_name).await?;
+            let start = info.ack_floor.stream_sequence + 1;
+            for filter in &info.config.filter_subjects {
+                if let Ok(message) = stream
+                    .direct_get_next_for_subject(filter.as_str(), Some(start))
+                    .await
+                {
+                    oldest = oldest.min(Some(message.time)).or(Some(message.time));
+                }
+            }
+        }
+        let age = oldest
+            .map(|time| {
+                (time::OffsetDateTime::now_utc() - time)
+                    .as_seconds_f64()
+                    .max(0.0)
+            })
+            .unwrap_or(0.0);
+        metrics()
+            .consumer_oldest_pending_age
+            .get_or_create(&labels)
+            .set(age);
+        Ok(())
+    }
 }
 
 /// Creates the sink's durable consumer or updates it to the configuration.

@@ -33,6 +33,18 @@ impl AttemptOutcome {
         }
     }
 
+    /// Returns a short, stable name of the outcome for log keys and span attributes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Response { status, .. } if (200..300).contains(status) => "success",
+            Self::Response { status, .. } if (300..400).contains(status) => "redirect",
+            Self::Response { status, .. } if (400..500).contains(status) => "client_error",
+            Self::Response { .. } => "server_error",
+            Self::TimedOut => "timeout",
+            Self::Connection(_) => "connection",
+        }
+    }
+
     /// Describes the failure in a few words for logs and dead letter headers.
     pub fn describe(&self) -> String {
         match self {

@@ -7,7 +7,7 @@
 //! does not hand the message to another router while it is still being delivered.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use bytes::Bytes;
@@ -16,6 +16,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use switchyard_core::config::SinkConfig;
 use switchyard_core::event::{EventType, headers as names};
 use switchyard_core::schema::SchemaRegistry;
+use switchyard_telemetry::metrics::{Metrics, SinkReasonLabels, metrics};
+use switchyard_telemetry::propagation;
+use switchyard_telemetry::throttle::LogThrottle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -43,6 +46,8 @@ pub struct SinkWorker {
     pub templates: SinkTemplates,
     pub target: HttpTarget,
     pub limiter: Option<DefaultDirectRateLimiter>,
+    /// Rate limit for repeated retry and give-up log lines.
+    pub throttle: LogThrottle,
 }
 
 /// What the sink makes of an event before any attempt.
@@ -163,12 +168,21 @@ impl SinkWorker {
         };
         let span = tracing::info_span!(
             "deliver",
+            otel.name = %format!("process {}", message.subject),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %message.subject,
+            messaging.consumer.group.name = %crate::consumer_name(&self.config.name),
+            messaging.message.id = %event.id,
+            messaging.nats.stream_sequence = event.stream_sequence,
             sink = %self.config.name,
             event.id = %event.id,
-            messaging.message.id = %event.id,
-            messaging.jetstream.stream_sequence = event.stream_sequence,
-            attempt = event.delivered,
+            delivery_count = event.delivered,
         );
+        if let Some(headers) = &message.headers {
+            propagation::continue_trace(&span, &propagation::NatsHeaders(headers));
+        }
         self.deliver(message, event, shutdown)
             .instrument(span)
             .await;
@@ -183,12 +197,13 @@ impl SinkWorker {
         let (body, content_type) = match self.prepare(&message, &event) {
             Prepared::Deliver { body, content_type } => (body, content_type),
             Prepared::Skip => {
-                tracing::debug!("filtered out");
+                tracing::debug!(event.id = %event.id, "filtered out");
+                self.count_outcome("filtered");
                 ack(&message, AckKind::Ack).await;
                 return;
             }
             Prepared::Reject { reason, error } => {
-                tracing::error!(reason = reason.as_str(), error = %error, "event cannot be delivered; dead-lettering");
+                tracing::error!(event.id = %event.id, reason = reason.as_str(), error = %error, "event cannot be delivered; dead-lettering");
                 self.dead_letter(&message, &event, reason, event.delivered, None, &error)
                     .await;
                 return;
@@ -196,38 +211,39 @@ impl SinkWorker {
         };
 
         let keeper = ProgressKeeper::start(&message, self.config.delivery.ack_wait);
-        let headers = EventHeaders {
-            id: &event.id,
-            event_type: event
-                .event_type
-                .as_ref()
-                .map(EventType::as_str)
-                .unwrap_or_default(),
-            source: &event.source,
-            time: &event.time,
-            traceparent: event.traceparent.as_deref(),
-            tracestate: event.tracestate.as_deref(),
-        };
-
         let mut attempt = event.delivered;
         loop {
             if let Some(limiter) = &self.limiter {
                 limiter.until_ready().await;
             }
-            let outcome = self
-                .target
-                .send(&headers, &content_type, body.clone())
+            let (outcome, decision) = self
+                .attempt(&event, attempt, &content_type, body.clone())
                 .await;
-            let decision = decide(self.target.kind, &self.config.delivery, attempt, &outcome);
             match decision {
                 Decision::Ack => {
-                    tracing::debug!(attempt, status = outcome.status(), "delivered");
+                    tracing::debug!(event.id = %event.id, attempt, status = outcome.status(), "delivered");
+                    self.count_outcome("delivered");
                     drop(keeper);
                     ack(&message, AckKind::Ack).await;
                     return;
                 }
                 Decision::Retry { delay } => {
-                    tracing::warn!(attempt, outcome = %outcome.describe(), delay_ms = delay.as_millis() as u64, "delivery failed; will retry");
+                    self.count_outcome("retried");
+                    metrics()
+                        .retries
+                        .get_or_create(&Metrics::sink(&self.config.name))
+                        .inc();
+                    let key = format!("{}:retry:{}", self.config.name, outcome.kind());
+                    if let Some(suppressed) = self.throttle.check(&key) {
+                        tracing::warn!(
+                            event.id = %event.id,
+                            attempt,
+                            outcome = %outcome.describe(),
+                            delay_ms = delay.as_millis() as u64,
+                            suppressed,
+                            "delivery failed; will retry"
+                        );
+                    }
                     if self.config.delivery.ordered && !shutdown.is_cancelled() {
                         // Ordered sinks hold the message and retry in place, so no later
                         // event overtakes it; the keeper extends the ack wait meanwhile.
@@ -248,7 +264,17 @@ impl SinkWorker {
                         }
                         _ => ("", outcome.describe()),
                     };
-                    tracing::error!(attempt, reason = reason.as_str(), outcome = %error, "giving up; dead-lettering");
+                    let key = format!("{}:give-up:{}", self.config.name, reason.as_str());
+                    if let Some(suppressed) = self.throttle.check(&key) {
+                        tracing::error!(
+                            event.id = %event.id,
+                            attempt,
+                            reason = reason.as_str(),
+                            outcome = %error,
+                            suppressed,
+                            "giving up; dead-lettering"
+                        );
+                    }
                     drop(keeper);
                     self.dead_letter_with(
                         &message,
@@ -264,6 +290,80 @@ impl SinkWorker {
                 }
             }
         }
+    }
+
+    /// Sends one attempt in its own client span and decides what follows.
+    async fn attempt(
+        &self,
+        event: &StoredEvent,
+        attempt: u32,
+        content_type: &str,
+        body: Bytes,
+    ) -> (AttemptOutcome, Decision) {
+        let span = tracing::info_span!(
+            "attempt",
+            otel.name = "POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            server.address = %self.target.host(),
+            sink = %self.config.name,
+            attempt,
+            http.response.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            decision = tracing::field::Empty,
+            retry_delay_ms = tracing::field::Empty,
+        );
+        // With an exporter, the request continues this span; without one, the producer's
+        // context is passed on unchanged.
+        let (traceparent, tracestate) = match propagation::current_headers(&span) {
+            Some((traceparent, tracestate)) => (Some(traceparent), tracestate),
+            None => (event.traceparent.clone(), event.tracestate.clone()),
+        };
+        let headers = EventHeaders {
+            id: &event.id,
+            event_type: event
+                .event_type
+                .as_ref()
+                .map(EventType::as_str)
+                .unwrap_or_default(),
+            source: &event.source,
+            time: &event.time,
+            traceparent: traceparent.as_deref(),
+            tracestate: tracestate.as_deref(),
+        };
+
+        let started = Instant::now();
+        let outcome = self
+            .target
+            .send(&headers, content_type, body)
+            .instrument(span.clone())
+            .await;
+        metrics()
+            .delivery_duration
+            .get_or_create(&Metrics::sink(&self.config.name))
+            .observe(started.elapsed().as_secs_f64());
+        let decision = decide(self.target.kind, &self.config.delivery, attempt, &outcome);
+
+        match outcome.status() {
+            Some(status) => span.record("http.response.status_code", status),
+            None => span.record("error.type", outcome.kind()),
+        };
+        match &decision {
+            Decision::Ack => span.record("decision", "ack"),
+            Decision::Retry { delay } => {
+                span.record("retry_delay_ms", delay.as_millis() as u64);
+                span.record("decision", "retry")
+            }
+            Decision::DeadLetter(reason) => span.record("decision", reason.as_str()),
+        };
+        (outcome, decision)
+    }
+
+    fn count_outcome(&self, outcome: &str) {
+        metrics()
+            .deliveries
+            .get_or_create(&Metrics::sink_outcome(&self.config.name, outcome))
+            .inc();
     }
 
     /// Validates the event, applies the filter and renders the body.
@@ -383,6 +483,18 @@ impl SinkWorker {
                 .map(EventType::as_str)
                 .unwrap_or("unknown"),
         };
+        let subject = format!("dlq.{}.{}", info.sink, info.event_type);
+        let span = tracing::info_span!(
+            "dead_letter",
+            otel.name = %format!("publish {subject}"),
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "publish",
+            messaging.destination.name = %subject,
+            sink = %self.config.name,
+            reason = reason.as_str(),
+            attempts,
+        );
         let stored = publish_dead_letter(
             &self.jetstream,
             message.headers.as_ref(),
@@ -390,10 +502,17 @@ impl SinkWorker {
             &info,
             DEAD_LETTER_TIMEOUT,
         )
+        .instrument(span)
         .await;
         match stored {
             Ok(dlq_sequence) => {
-                tracing::debug!(dlq_sequence, "dead letter stored");
+                tracing::debug!(event.id = %event.id, dlq_sequence, "dead letter stored");
+                self.count_outcome("dead_lettered");
+                let labels = SinkReasonLabels {
+                    sink: self.config.name.clone(),
+                    reason: reason.as_str().to_owned(),
+                };
+                metrics().dead_letters.get_or_create(&labels).inc();
                 ack(message, AckKind::Term).await;
             }
             Err(err) => {

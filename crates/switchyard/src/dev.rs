@@ -38,7 +38,7 @@ const NATS_START_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct DevArgs {
     /// Configuration file to serve.
     #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = crate::DEFAULT_CONFIG)]
-    config: PathBuf,
+    pub config: PathBuf,
     /// nats-server binary (2.10 or newer).
     #[arg(long, env = "NATS_SERVER_BIN", default_value = "nats-server")]
     nats_server: PathBuf,

@@ -1,25 +1,40 @@
-//! Log output: human-readable text by default, JSON on request; `RUST_LOG` sets levels.
+//! Telemetry set-up for the command line: logs always, traces when configured.
 
-use tracing_subscriber::EnvFilter;
+use std::path::Path;
 
-/// Log filter used when `RUST_LOG` is unset.
-const DEFAULT_FILTER: &str = "info";
+use switchyard_core::config;
+use switchyard_telemetry::{LogFormat as TelemetryLogFormat, TelemetryGuard, TraceSettings};
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line, for log collectors.
     Json,
 }
 
-/// Installs the global subscriber; logs go to stderr so command output stays on stdout.
-pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+/// Installs logging, and trace export when `config_path` (if given) or the environment
+/// configures an OTLP endpoint.
+///
+/// A configuration that fails to load is not reported here; the command reports it.
+pub fn init(format: LogFormat, config_path: Option<&Path>) -> Option<TelemetryGuard> {
+    let traces = config_path
+        .and_then(|path| config::load_file(path).ok())
+        .map(|config| TraceSettings {
+            otlp_endpoint: config.telemetry.otlp_endpoint,
+            service_name: config.telemetry.service_name,
+        })
+        .unwrap_or_default();
+    let format = match format {
+        LogFormat::Text => TelemetryLogFormat::Text,
+        LogFormat::Json => TelemetryLogFormat::Json,
+    };
+    match switchyard_telemetry::init(format, &traces) {
+        Ok(guard) => Some(guard),
+        Err(err) => {
+            eprintln!("warning: traces are off: {err}");
+            None
+        }
     }
 }

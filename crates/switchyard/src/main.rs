@@ -56,7 +56,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let config_path = match &cli.command {
+        Command::Serve { config } => Some(config.as_path()),
+        Command::Dev(args) => Some(args.config.as_path()),
+        _ => None,
+    };
+    // Dropped at the end of main, after the runtime, so the last spans are flushed.
+    let _telemetry = logging::init(cli.log_format, config_path);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -75,9 +75,24 @@ pub struct Config {
     pub streams: StreamsConfig,
     #[serde(default)]
     pub schemas: SchemasConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// Destinations; each one is a durable consumer shared by every router.
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+}
+
+/// Trace export. The standard `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME` and
+/// `OTEL_SDK_DISABLED` environment variables take precedence over these keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint such as `http://127.0.0.1:4318`; traces are off when absent.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Service name on every span; `switchyard` when absent.
+    #[serde(default)]
+    pub service_name: Option<String>,
 }
 
 /// The HTTP ingress.

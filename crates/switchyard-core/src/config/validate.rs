@@ -185,8 +185,8 @@ fn check_sink(
             if sink.kind == SinkKind::N8n && url.path().contains("/webhook-test/") {
                 warnings.push(Warning {
                     key: format!("{key}.url"),
-                    message: "is an n8n test URL, which only listens while the editor waits for \
-                              a test event: use the production /webhook/ URL"
+                    message: "is an n8n /webhook-test/ URL, which only listens while the editor \
+                              waits for a test event: use the production /webhook/ URL"
                         .to_owned(),
                 });
             }
