@@ -17,15 +17,12 @@ pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
 /// A failure to reach or prepare NATS.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    #[error("failed to read NATS credentials file {path}: {source}")]
-    Credentials {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("failed to connect to NATS at {url}: {source}; check that nats-server is running")]
+    #[error("failed to read NATS credentials file {path}: {error}")]
+    Credentials { path: String, error: std::io::Error },
+    #[error("failed to connect to NATS at {url}: {error}; check that nats-server is running")]
     Connect {
         url: String,
-        source: async_nats::ConnectError,
+        error: async_nats::ConnectError,
     },
     #[error(
         "nats-server {version} is too old: Switchyard needs 2.10 or newer for consumers with \
@@ -61,14 +58,13 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, NatsError> {
             tracing::info!(event = %event, "NATS connection event");
         });
     if let Some(path) = &config.credentials_file {
-        options =
-            options
-                .credentials_file(path)
-                .await
-                .map_err(|source| NatsError::Credentials {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|error| NatsError::Credentials {
+                path: path.display().to_string(),
+                error,
+            })?;
     }
     if let (Some(user), Some(password)) = (&config.user, &config.password) {
         options = options.user_and_password(user.clone(), password.expose_secret().to_owned());
@@ -88,9 +84,9 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, NatsError> {
     let client = options
         .connect(urls)
         .await
-        .map_err(|source| NatsError::Connect {
+        .map_err(|error| NatsError::Connect {
             url: config.url.clone(),
-            source,
+            error,
         })?;
     check_server_version(&client.server_info().version)?;
     Ok(client)

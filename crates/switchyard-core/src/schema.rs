@@ -19,20 +19,20 @@ pub const MAX_REPORTED_VIOLATIONS: usize = 50;
 /// Why the schema folder could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    #[error("failed to read schema folder {}: {source}", path.display())]
+    #[error("failed to read schema folder {}: {error}", path.display())]
     ReadDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("failed to read schema {}: {source}", path.display())]
+    #[error("failed to read schema {}: {error}", path.display())]
     ReadFile {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("schema {} is not valid JSON: {source}", path.display())]
+    #[error("schema {} is not valid JSON: {error}", path.display())]
     Parse {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error(
         "schema file name {} is not an event type: name it <type>.json, such as \
@@ -61,16 +61,16 @@ pub struct SchemaRegistry {
 impl SchemaRegistry {
     /// Reads and compiles every `*.json` file in `dir`.
     pub fn load_dir(dir: &Path) -> Result<Self, SchemaError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| SchemaError::ReadDir {
+        let entries = std::fs::read_dir(dir).map_err(|error| SchemaError::ReadDir {
             path: dir.to_owned(),
-            source,
+            error,
         })?;
 
         let mut paths = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| SchemaError::ReadDir {
+            let entry = entry.map_err(|error| SchemaError::ReadDir {
                 path: dir.to_owned(),
-                source,
+                error,
             })?;
             let path = entry.path();
             if path.extension().is_some_and(|ext| ext == "json") {
@@ -86,14 +86,14 @@ impl SchemaRegistry {
                 .and_then(|stem| stem.to_str())
                 .and_then(|stem| stem.parse::<EventType>().ok())
                 .ok_or_else(|| SchemaError::FileName { path: path.clone() })?;
-            let text = std::fs::read(&path).map_err(|source| SchemaError::ReadFile {
+            let text = std::fs::read(&path).map_err(|error| SchemaError::ReadFile {
                 path: path.clone(),
-                source,
+                error,
             })?;
             let document: Value =
-                serde_json::from_slice(&text).map_err(|source| SchemaError::Parse {
+                serde_json::from_slice(&text).map_err(|error| SchemaError::Parse {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
             schemas.push((path, event_type, document));
         }

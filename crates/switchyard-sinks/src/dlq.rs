@@ -160,8 +160,8 @@ pub enum DlqError {
     Read { seq: u64, message: String },
     #[error("dead letter {0} has no Switchyard-Sink header, so it cannot be replayed")]
     NoSink(u64),
-    #[error("failed to replay dead letter {seq}: {source}")]
-    Publish { seq: u64, source: PublishError },
+    #[error("failed to replay dead letter {seq}: {error}")]
+    Publish { seq: u64, error: PublishError },
     #[error("replayed dead letter {seq}, but failed to delete it from the DLQ stream: {message}")]
     Delete { seq: u64, message: String },
 }
@@ -308,7 +308,7 @@ pub async fn replay(
     let ack = publish_acked(jetstream, subject, publish, timeout)
         .instrument(span)
         .await
-        .map_err(|source| DlqError::Publish { seq, source })?;
+        .map_err(|error| DlqError::Publish { seq, error })?;
 
     let stream = jetstream
         .get_stream(stream_name)

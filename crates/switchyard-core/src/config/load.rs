@@ -10,10 +10,10 @@ use super::Config;
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("failed to read config file {}: {source}", path.display())]
+    #[error("failed to read config file {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config file {} is not valid TOML: {message}", path.display())]
     Toml { path: PathBuf, message: String },
@@ -50,9 +50,9 @@ pub enum ConfigError {
 /// Relative paths inside the file (the schema folder, credentials) are resolved against the
 /// folder that holds the file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     let mut config = parse_str(&text, path, &|name| std::env::var(name).ok())?;
 
