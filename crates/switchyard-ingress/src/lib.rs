@@ -95,7 +95,10 @@ pub fn effective_body_limit(configured: usize, max_payload: usize) -> usize {
     if max_payload == 0 {
         return configured;
     }
-    configured.min(max_payload.saturating_sub(HEADER_RESERVE_BYTES).max(1))
+    // A server with a small max_payload keeps a quarter of it for headers, so events
+    // still fit instead of every body being rejected.
+    let reserve = HEADER_RESERVE_BYTES.min(max_payload / 4);
+    configured.min(max_payload - reserve)
 }
 
 /// Builds the axum router of the ingress.
@@ -160,5 +163,6 @@ mod tests {
             1024 * 1024 - HEADER_RESERVE_BYTES
         );
         assert_eq!(effective_body_limit(1000, 0), 1000);
+        assert_eq!(effective_body_limit(1024 * 1024, 4096), 3072);
     }
 }
