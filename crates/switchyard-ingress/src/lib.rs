@@ -63,7 +63,8 @@ impl Ingress {
         let max_payload = jetstream.client().server_info().max_payload;
         let body_limit = effective_body_limit(config.server.max_body_bytes, max_payload);
         if body_limit < config.server.max_body_bytes {
-            tracing::warn!(
+            // NATS's default max_payload equals the default body limit, so this is routine.
+            tracing::info!(
                 configured = config.server.max_body_bytes,
                 max_payload,
                 body_limit,
@@ -114,7 +115,9 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
-                .on_response(record_response),
+                .on_response(record_response)
+                // Problem responses log server-side failures themselves, rate-limited.
+                .on_failure(()),
         )
         .with_state(ingress)
 }
@@ -140,7 +143,11 @@ fn request_span(request: &Request<Body>) -> Span {
 }
 
 fn record_response(response: &axum::response::Response, latency: Duration, span: &Span) {
-    span.record("http.response.status_code", response.status().as_u16());
+    // i64, because tracing-opentelemetry 0.34 exports unsigned integers as strings.
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
     tracing::debug!(
         status = response.status().as_u16(),
         latency_ms = latency.as_millis() as u64,

@@ -3,6 +3,7 @@
 //! Every rejection says what failed, on which value, and what to do next. Client mistakes
 //! are logged at debug; only failures on the Switchyard side are logged as warnings.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -10,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use switchyard_core::json::JsonError;
 use switchyard_core::schema::Violation;
+use switchyard_telemetry::throttle::LogThrottle;
 
 /// Base of the `type` URI of every problem.
 pub const PROBLEM_TYPE_BASE: &str = "https://switchyard.dev/problems/";
@@ -150,7 +152,12 @@ impl Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::warn!(status = self.status.as_u16(), detail = %self.detail, "request failed");
+            // During an outage every request fails the same way, so repeats are counted.
+            static THROTTLE: OnceLock<LogThrottle> = OnceLock::new();
+            let throttle = THROTTLE.get_or_init(LogThrottle::default);
+            if let Some(suppressed) = throttle.check(self.slug()) {
+                tracing::warn!(status = self.status.as_u16(), detail = %self.detail, suppressed, "request failed");
+            }
         } else {
             tracing::debug!(status = self.status.as_u16(), detail = %self.detail, "request rejected");
         }

@@ -273,7 +273,8 @@ pub async fn replay(
         messaging.system = "nats",
         messaging.operation.type = "publish",
         sink = %letter.sink,
-        dlq_sequence = seq,
+        // i64, because tracing-opentelemetry 0.34 exports unsigned integers as strings.
+        dlq_sequence = i64::try_from(seq).unwrap_or(i64::MAX),
     );
     let _ = span.set_parent(opentelemetry::Context::new());
     let original = propagation::extract(&propagation::NatsHeaders(&letter.headers));

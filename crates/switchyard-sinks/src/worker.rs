@@ -166,6 +166,9 @@ impl SinkWorker {
             let _ = message.ack_with(AckKind::Term).await;
             return;
         };
+        // tracing-opentelemetry 0.34 exports unsigned integers as strings, so integer span
+        // attributes are recorded as i64.
+        let stream_sequence = i64::try_from(event.stream_sequence).unwrap_or(i64::MAX);
         let span = tracing::info_span!(
             "deliver",
             otel.name = %format!("process {}", message.subject),
@@ -175,10 +178,10 @@ impl SinkWorker {
             messaging.destination.name = %message.subject,
             messaging.consumer.group.name = %crate::consumer_name(&self.config.name),
             messaging.message.id = %event.id,
-            messaging.nats.stream_sequence = event.stream_sequence,
+            messaging.nats.stream_sequence = stream_sequence,
             sink = %self.config.name,
             event.id = %event.id,
-            delivery_count = event.delivered,
+            delivery_count = i64::from(event.delivered),
         );
         if let Some(headers) = &message.headers {
             propagation::continue_trace(&span, &propagation::NatsHeaders(headers));
@@ -307,7 +310,7 @@ impl SinkWorker {
             http.request.method = "POST",
             server.address = %self.target.host(),
             sink = %self.config.name,
-            attempt,
+            attempt = i64::from(attempt),
             http.response.status_code = tracing::field::Empty,
             error.type = tracing::field::Empty,
             decision = tracing::field::Empty,
@@ -345,13 +348,13 @@ impl SinkWorker {
         let decision = decide(self.target.kind, &self.config.delivery, attempt, &outcome);
 
         match outcome.status() {
-            Some(status) => span.record("http.response.status_code", status),
+            Some(status) => span.record("http.response.status_code", i64::from(status)),
             None => span.record("error.type", outcome.kind()),
         };
         match &decision {
             Decision::Ack => span.record("decision", "ack"),
             Decision::Retry { delay } => {
-                span.record("retry_delay_ms", delay.as_millis() as u64);
+                span.record("retry_delay_ms", delay.as_millis() as i64);
                 span.record("decision", "retry")
             }
             Decision::DeadLetter(reason) => span.record("decision", reason.as_str()),
@@ -493,7 +496,7 @@ impl SinkWorker {
             messaging.destination.name = %subject,
             sink = %self.config.name,
             reason = reason.as_str(),
-            attempts,
+            attempts = i64::from(attempts),
         );
         let stored = publish_dead_letter(
             &self.jetstream,
