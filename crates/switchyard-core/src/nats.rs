@@ -33,7 +33,7 @@ pub enum NatsError {
     Stream { stream: String, message: String },
 }
 
-/// Why a publish is not durable.
+/// Reason a publish is not durable.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("NATS is not connected")]

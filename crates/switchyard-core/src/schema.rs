@@ -16,7 +16,7 @@ use crate::event::EventType;
 /// Maximum number of violations reported for one payload.
 pub const MAX_REPORTED_VIOLATIONS: usize = 50;
 
-/// Why the schema folder could not be loaded.
+/// Failure to load the schema folder.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
     #[error("failed to read schema folder {}: {error}", path.display())]

@@ -30,7 +30,7 @@ use crate::problem::Problem;
 /// Header that carries a producer-chosen event id.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-/// The answer for one accepted event.
+/// Response body for one accepted event.
 #[derive(Debug, Serialize)]
 pub struct Accepted {
     pub id: String,
@@ -237,7 +237,7 @@ fn count_rejected(ingress: &Ingress, event_type: Option<&str>, problem: &Problem
     metrics().events_rejected.get_or_create(&labels).inc();
 }
 
-/// One entry of a batch answer.
+/// One entry of a batch response.
 #[derive(Debug, Serialize)]
 struct BatchResult {
     index: usize,
@@ -255,10 +255,10 @@ struct BatchAnswer {
     results: Vec<BatchResult>,
 }
 
-/// Publishes the valid events of a batch at once and answers per item.
+/// Publishes the valid events of a batch at once and reports per item.
 ///
-/// The answer is 202 when every item was accepted, 503 when every item failed because
-/// JetStream was unavailable, and 207 otherwise. Items answered 202 are durable, so a
+/// The status is 202 when every item was accepted, 503 when every item failed because
+/// JetStream was unavailable, and 207 otherwise. Items reported 202 are durable, so a
 /// client may resend the batch with the same ids and let deduplication drop the repeats.
 async fn batch_response(
     ingress: &Ingress,

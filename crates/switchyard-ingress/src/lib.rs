@@ -1,7 +1,7 @@
 //! The Switchyard HTTP ingress.
 //!
 //! Producers POST events; the ingress checks the media type, the size, the JSON and the
-//! schema, publishes to JetStream and answers 202 only after JetStream acknowledged the
+//! schema, publishes to JetStream and returns 202 only after JetStream acknowledged the
 //! message. Routes:
 //!
 //! - `POST /v1/events/{type}`: one event, the body is its data.
@@ -9,8 +9,8 @@
 //!   binary-mode CloudEvent (a `ce-type` header).
 //! - `GET /healthz` (the process runs) and `GET /readyz` (NATS connected, streams present).
 
-// `Problem` is the error of most functions here and becomes the HTTP response at once; it
-// is built only on the rejection path, so boxing it would buy nothing.
+// `Problem` is the error of most functions here and becomes the HTTP response at once.
+// It is built only on the rejection path, so boxing it would buy nothing.
 #![allow(clippy::result_large_err)]
 
 mod body;

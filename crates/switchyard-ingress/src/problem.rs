@@ -1,6 +1,6 @@
 //! Error responses as `application/problem+json` (RFC 9457).
 //!
-//! Every rejection says what failed, on which value, and what to do next. Client mistakes
+//! Every rejection states what failed, on which value, and what to do next. Client mistakes
 //! are logged at debug; only failures on the Switchyard side are logged as warnings.
 
 use std::sync::OnceLock;

@@ -1,7 +1,7 @@
 //! Dead letters: writing them, listing them, and replaying them to their sink.
 //!
 //! A dead letter is the original message (headers and payload unchanged) on
-//! `dlq.<sink>.<type>` in the `DLQ` stream, with `Switchyard-*` headers that say which sink
+//! `dlq.<sink>.<type>` in the `DLQ` stream, with `Switchyard-*` headers that record which sink
 //! gave it up, why, after how many attempts, with which last status and error, and where
 //! the original sits in the `EVENTS` stream. A replay publishes it to
 //! `replay.<sink>.<type>`, which only that sink's consumer reads, then deletes it from
@@ -21,10 +21,10 @@ use time::format_description::well_known::Rfc3339;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Longest header value written for an error or a response excerpt, in bytes.
+/// Maximum length of a header value written for an error or a response excerpt, in bytes.
 const MAX_HEADER_TEXT_BYTES: usize = 256;
 
-/// What a dead letter records besides the original message.
+/// Dead letter details stored besides the original message.
 #[derive(Debug, Clone)]
 pub struct DeadLetterInfo<'a> {
     pub sink: &'a str,
@@ -239,7 +239,7 @@ pub async fn show(
 /// Sends a dead letter again to its sink only, then deletes it from `DLQ`.
 ///
 /// Returns the sequence of the replayed event in the events stream. The replay keeps the
-/// event id, so the receiver sees the same `webhook-id` as on the original attempts.
+/// event id, so the receiver gets the same `webhook-id` as on the original attempts.
 pub async fn replay(
     jetstream: &jetstream::Context,
     stream_name: &str,

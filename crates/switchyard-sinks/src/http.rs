@@ -15,7 +15,7 @@ use switchyard_core::config::{SinkConfig, SinkKind};
 use crate::retry::{AttemptOutcome, parse_retry_after};
 use crate::signing::{self, Signer};
 
-/// Longest response excerpt kept for logs and dead letters, in bytes.
+/// Maximum length of the response excerpt kept for logs and dead letters, in bytes.
 pub const RESPONSE_EXCERPT_BYTES: usize = 512;
 
 /// A sink setting that cannot be turned into requests.

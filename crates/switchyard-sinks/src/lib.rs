@@ -2,7 +2,7 @@
 //! stream, shared by every router that runs the same configuration, so the routers split
 //! its work.
 //!
-//! - [`retry`] holds the one retry decision.
+//! - [`retry`] contains the one retry decision.
 //! - [`http`] sends a request to a `webhook` or `n8n` endpoint.
 //! - [`signing`] computes Standard Webhooks signatures.
 //! - [`template`] compiles filters and transforms.

@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime};
 
 use switchyard_core::config::{DeliveryConfig, SinkKind};
 
-/// What one delivery attempt produced.
+/// Result of one delivery attempt.
 #[derive(Debug, Clone)]
 pub enum AttemptOutcome {
-    /// The endpoint answered.
+    /// The endpoint returned a response.
     Response {
         status: u16,
         /// Parsed `Retry-After`, if the response had a valid one.
@@ -18,7 +18,7 @@ pub enum AttemptOutcome {
         /// The first bytes of the response body, for dead letters and logs.
         excerpt: String,
     },
-    /// No answer within the attempt timeout.
+    /// No response within the attempt timeout.
     TimedOut,
     /// The connection failed (refused, reset, DNS, TLS).
     Connection(String),
@@ -55,7 +55,7 @@ impl AttemptOutcome {
     }
 }
 
-/// Why an event was given up.
+/// Reason an event was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterReason {
     /// The endpoint rejected the event in a way a retry cannot fix (most 4xx, 3xx).
@@ -79,7 +79,7 @@ impl DeadLetterReason {
     }
 }
 
-/// What to do with the event after an attempt.
+/// Next step for the event after an attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Ack,

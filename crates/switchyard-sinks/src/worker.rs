@@ -2,7 +2,7 @@
 //! with a delay, or dead-letter and term.
 //!
 //! Messages are pulled only when a worker slot is free, so nothing waits in the router's
-//! memory while its ack wait runs; the backlog stays in JetStream however long a sink
+//! memory while its ack wait runs. The backlog stays in JetStream however long a sink
 //! hangs. An attempt that outlives half the ack wait sends in-progress acks, so JetStream
 //! does not hand the message to another router while it is still being delivered.
 
@@ -50,7 +50,7 @@ pub struct SinkWorker {
     pub throttle: LogThrottle,
 }
 
-/// What the sink makes of an event before any attempt.
+/// Outcome of preparing an event, before any attempt.
 enum Prepared {
     /// Deliver this body with this content type.
     Deliver { body: Bytes, content_type: String },

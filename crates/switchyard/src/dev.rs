@@ -1,7 +1,7 @@
 //! `switchyard dev`: a local stack in one command.
 //!
-//! Starts nats-server with JetStream as a child process (data in `.switchyard/dev/nats`),
-//! serves the example configuration against it, and adds `/dev/inbox`, a receiver that
+//! Starts nats-server with JetStream as a child process (data in `.switchyard/dev/nats`)
+//! and serves the example configuration against it. It adds `/dev/inbox`, a receiver that
 //! logs each delivery and checks its Standard Webhooks signature, so a first event can be
 //! followed from `curl` to a sink without any other service.
 

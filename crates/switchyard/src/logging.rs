@@ -5,7 +5,7 @@ use std::path::Path;
 use switchyard_core::config;
 use switchyard_telemetry::{LogFormat as TelemetryLogFormat, TelemetryGuard, TraceSettings};
 
-/// How log lines are written.
+/// Log line format.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.

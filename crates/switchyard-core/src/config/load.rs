@@ -1,13 +1,13 @@
 //! Reading the configuration file: TOML, environment expansion, then strict deserialising.
 //!
-//! Expansion runs on parsed string values, never on the raw text, so a variable that holds
+//! Expansion runs on parsed string values, never on the raw text, so a variable that contains
 //! quotes or newlines cannot change the structure of the file.
 
 use std::path::{Path, PathBuf};
 
 use super::Config;
 
-/// Why the configuration could not be loaded.
+/// Failure to load the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("failed to read config file {}: {error}", path.display())]
@@ -48,7 +48,7 @@ pub enum ConfigError {
 /// Reads, expands and deserialises the configuration at `path`.
 ///
 /// Relative paths inside the file (the schema folder, credentials) are resolved against the
-/// folder that holds the file.
+/// folder that contains the file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_owned(),
@@ -134,7 +134,7 @@ fn expand_value(
     Ok(())
 }
 
-/// Why a string could not be expanded.
+/// Failure to expand a string.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ExpandError {
     /// `${NAME}` names an unset variable and gives no default.

@@ -58,9 +58,9 @@ pub const DEFAULT_BACKOFF: [Duration; 7] = [
     Duration::from_secs(1800),
     Duration::from_secs(3600),
 ];
-/// How many times an n8n webhook that answers "not registered" is retried.
+/// Retries of an n8n webhook that returns 404 "not registered".
 pub const DEFAULT_N8N_NOT_REGISTERED_ATTEMPTS: u32 = 5;
-/// Delay between retries of an n8n webhook that answers "not registered".
+/// Delay between retries of an n8n webhook that returns 404 "not registered".
 pub const DEFAULT_N8N_NOT_REGISTERED_DELAY: Duration = Duration::from_secs(10);
 
 /// The whole configuration file.
@@ -108,7 +108,7 @@ pub struct ServerConfig {
     /// Largest number of events in one batch request.
     #[serde(default = "default_max_batch_events")]
     pub max_batch_events: usize,
-    /// How long to wait for JetStream to acknowledge a publish before answering 503.
+    /// How long to wait for JetStream to acknowledge a publish before returning 503.
     #[serde(default = "default_publish_timeout", with = "humantime_serde")]
     pub publish_timeout: Duration,
     /// `Retry-After` sent with a 503.
@@ -168,7 +168,7 @@ pub struct StreamConfig {
     pub max_bytes: Option<i64>,
 }
 
-/// Where the JSON Schemas live.
+/// Location of the JSON Schemas.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchemasConfig {
@@ -177,7 +177,7 @@ pub struct SchemasConfig {
     pub dir: PathBuf,
 }
 
-/// Which kind of destination a sink is.
+/// Kind of destination of a sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SinkKind {
@@ -242,7 +242,7 @@ impl std::fmt::Debug for SinkConfig {
     }
 }
 
-/// How a sink delivers: concurrency, timeouts, retries and rate.
+/// Delivery settings of a sink: concurrency, timeouts, retries and rate.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
