@@ -951,6 +951,38 @@ async fn transform_error_dead_letters() {
 }
 
 #[tokio::test]
+async fn runaway_transform_dead_letters() {
+    let receiver = Receiver::start().await;
+    let nested = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}\
+                  {% endfor %}";
+    let sink = SinkSpec::webhook("files", &receiver.url("/files"))
+        .set("events", vec!["file.uploaded"])
+        .set("transform", nested);
+    let stack = Stack::start(vec![sink]).await;
+
+    stack
+        .publish("file.uploaded", &file_uploaded("file_9f2c", 48213))
+        .await;
+
+    let letters = stack.wait_for_dead_letters(1).await;
+    assert_eq!(header(&letters[0], "Switchyard-Reason"), Some("transform"));
+    let last_error = header(&letters[0], "Switchyard-Last-Error").unwrap_or_default();
+    assert!(
+        last_error.contains("fuel"),
+        "Switchyard-Last-Error: {last_error}"
+    );
+    receiver.assert_count_stays(0, QUIET).await;
+    let health = stack
+        .client
+        .get(stack.router.url("/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .expect("the ingress did not answer /healthz after the transform");
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
 async fn direct_publish_invalid_payload_dead_letters() {
     let receiver = Receiver::start().await;
     let stack = Stack::start(vec![SinkSpec::webhook("hook", &receiver.url("/hook"))]).await;
@@ -1005,6 +1037,33 @@ async fn direct_publish_keeps_traceparent() {
     assert_eq!(requests[0].header("ce-type"), Some("chat.created"));
     assert_eq!(&requests[0].body[..], body.as_bytes());
     stack.wait_for_consumer_settled("hook").await;
+    assert!(stack.dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn direct_publish_control_characters_delivers() {
+    let receiver = Receiver::start().await;
+    let stack = Stack::start(vec![SinkSpec::webhook("hook", &receiver.url("/hook"))]).await;
+
+    let body = chat_created(1);
+    let mut headers = HeaderMap::new();
+    headers.insert("ce-id", "evt-ctrl-1");
+    headers.insert("ce-source", "/orders\u{1}eu");
+    headers.insert("traceparent", "not-a-trace\u{2}");
+    stack
+        .jetstream
+        .publish_with_headers("events.chat.created", headers, body.clone().into())
+        .await
+        .expect("failed to publish to events.chat.created")
+        .await
+        .expect("JetStream did not acknowledge the publish");
+
+    let requests = receiver.wait_for_count(1, TIMEOUT).await;
+    assert_eq!(requests[0].header("ce-id"), Some("evt-ctrl-1"));
+    assert_eq!(requests[0].header("ce-source"), Some("/orders%01eu"));
+    assert_eq!(&requests[0].body[..], body.as_bytes());
+    assert_eq!(verify_signature(&requests[0]), Ok(()));
+    receiver.assert_count_stays(1, QUIET).await;
     assert!(stack.dead_letters().await.is_empty());
 }
 

@@ -821,6 +821,31 @@ async fn event_over_max_payload_rejected() {
 }
 
 #[tokio::test]
+async fn event_over_header_limit_rejected() {
+    // JetStream rejects more than 64 KiB of headers whatever max_payload is, so a retry
+    // cannot succeed and the response is a 413, not a 503.
+    let test = TestRouter::start().await;
+    let source = format!("/{}", "s".repeat(70_000));
+    let headers = [("ce-type", "chat.created"), ("ce-source", source.as_str())];
+
+    let response = test
+        .post_with_headers("/v1/events", &headers, chat_created("chat_long_source"))
+        .await;
+    let problem = expect_problem(response, 413, "ce-source over the header limit").await;
+
+    assert!(
+        detail(&problem).contains("header"),
+        "detail {:?} does not name the header limit",
+        detail(&problem)
+    );
+    assert_eq!(
+        test.stored_count().await,
+        0,
+        "an event over the limit was stored"
+    );
+}
+
+#[tokio::test]
 async fn idempotency_key_deduplicates() {
     let test = TestRouter::start().await;
     let body = chat_created("chat_idempotent");
@@ -877,6 +902,26 @@ async fn invalid_idempotency_key_rejected() {
         "detail {:?} does not name the key",
         detail(&problem)
     );
+    assert_eq!(test.stored_count().await, 0, "a rejected event was stored");
+}
+
+#[tokio::test]
+async fn non_ascii_idempotency_key_rejected() {
+    let test = TestRouter::start().await;
+
+    let response = test
+        .post_with_key("order-\u{e9}-42", &chat_created("chat_unicode_key"))
+        .await;
+    expect_problem(response, 400, "Idempotency-Key with a non-ASCII character").await;
+
+    let response = test
+        .post_with_headers(
+            "/v1/events/chat.created",
+            &[("ce-type", "ch\u{e4}t.created")],
+            chat_created("chat_unicode_type"),
+        )
+        .await;
+    expect_problem(response, 400, "ce-type with a non-ASCII character").await;
     assert_eq!(test.stored_count().await, 0, "a rejected event was stored");
 }
 
@@ -1092,6 +1137,34 @@ async fn cloudevent_structured_mode() {
         "2025-01-15T09:30:00Z",
         "ce-time"
     );
+}
+
+#[tokio::test]
+async fn cloudevent_invalid_traceparent_dropped() {
+    let test = TestRouter::start().await;
+    let body = format!(
+        r#"{{"specversion": "1.0", "id": "ce-bad-trace", "source": "/tests/ingress",
+  "type": "chat.created", "traceparent": "garbage\u0002", "data": {}}}"#,
+        chat_created("chat_bad_trace")
+    );
+
+    let response = test
+        .post("/v1/events", Some("application/cloudevents+json"), body)
+        .await;
+    let response_body = expect_accepted(response, "CloudEvent with an invalid traceparent").await;
+
+    let stored = test.stored_message(seq_field(&response_body)).await;
+    let traceparent = stored
+        .headers
+        .get("traceparent")
+        .map(|value| value.as_str());
+    assert_ne!(
+        traceparent,
+        Some("garbage\u{2}"),
+        "the invalid traceparent was stored"
+    );
+    let requests = test.receiver.wait_for_count(1, TIMEOUT).await;
+    assert_eq!(request_header(&requests[0], "ce-id"), "ce-bad-trace");
 }
 
 #[tokio::test]

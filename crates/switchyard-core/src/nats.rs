@@ -42,8 +42,9 @@ pub enum PublishError {
     TimedOut(Duration),
     #[error("JetStream rejected the publish: {0}")]
     Rejected(String),
-    /// The payload plus headers exceed the server's `max_payload`, so a retry fails again.
-    #[error("the message is larger than the NATS server's max_payload: {0}")]
+    /// The payload plus headers exceed the server's `max_payload`, or the headers exceed
+    /// JetStream's header limit, so a retry fails again.
+    #[error("the message is larger than the NATS server allows: {0}")]
     TooLarge(String),
 }
 
@@ -85,11 +86,30 @@ pub async fn connect(config: &NatsConfig) -> Result<Client, NatsError> {
         .connect(urls)
         .await
         .map_err(|error| NatsError::Connect {
-            url: config.url.clone(),
+            url: redact_nats_url(&config.url),
             error,
         })?;
     check_server_version(&client.server_info().version)?;
     Ok(client)
+}
+
+/// Returns the server list of `nats.url` without the user and password of each URL, for
+/// messages and logs.
+pub fn redact_nats_url(url: &str) -> String {
+    url.split(',')
+        .map(|server| {
+            let server = server.trim();
+            let (scheme, rest) = match server.split_once("://") {
+                Some((scheme, rest)) => (&server[..scheme.len() + 3], rest),
+                None => ("", server),
+            };
+            match rest.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}{host}"),
+                None => server.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Rejects a server older than [`MIN_SERVER_VERSION`].
@@ -190,9 +210,13 @@ pub async fn publish_acked(
                 }
                 _ => PublishError::Rejected(err.to_string()),
             })?;
-        ack_future
-            .await
-            .map_err(|err| PublishError::Rejected(err.to_string()))
+        ack_future.await.map_err(|err| {
+            if is_header_too_large(&err) {
+                PublishError::TooLarge(err.to_string())
+            } else {
+                PublishError::Rejected(err.to_string())
+            }
+        })
     };
     match tokio::time::timeout(timeout, acked).await {
         Ok(result) => result,
@@ -200,9 +224,33 @@ pub async fn publish_acked(
     }
 }
 
+/// Reports whether JetStream rejected a message because its headers exceed the server's
+/// 64 KiB limit, which a retry cannot fix.
+fn is_header_too_large(err: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|api_error| {
+            api_error.error_code() == jetstream::ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nats_url_redaction_drops_credentials() {
+        assert_eq!(
+            redact_nats_url("nats://alice:s3cret@127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(
+            redact_nats_url("nats://a:b@n1:4222, tls://token@n2:4222,nats://n3:4222"),
+            "nats://n1:4222,tls://n2:4222,nats://n3:4222"
+        );
+        assert_eq!(redact_nats_url("user:pw@127.0.0.1:4222"), "127.0.0.1:4222");
+        assert_eq!(redact_nats_url("127.0.0.1:4222"), "127.0.0.1:4222");
+    }
 
     #[test]
     fn server_version_gate() {

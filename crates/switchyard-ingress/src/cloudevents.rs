@@ -145,7 +145,11 @@ fn structured_event(ingress: &Ingress, payload: &Bytes, text: &str) -> Result<Ev
         id: Some(parsed.id),
         source: Some(parsed.source),
         time: parsed.time,
-        traceparent: parsed.traceparent,
+        // As in binary mode, an invalid traceparent starts a new trace instead of being
+        // stored and sent on to every sink.
+        traceparent: parsed
+            .traceparent
+            .filter(|value| crate::events::is_valid_traceparent(value)),
         tracestate: parsed.tracestate,
     };
     let value = serde_json::from_str(data.get()).unwrap_or_default();

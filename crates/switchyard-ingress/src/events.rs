@@ -12,6 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 use switchyard_core::event::{self, Event, EventType, headers as names};
@@ -29,6 +30,9 @@ use crate::problem::Problem;
 
 /// Header that carries a producer-chosen event id.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Publishes of one batch that wait for their acknowledgement at the same time.
+const MAX_BATCH_PUBLISHES_IN_FLIGHT: usize = 256;
 
 /// Response body for one accepted event.
 #[derive(Debug, Serialize)]
@@ -56,12 +60,9 @@ impl Attributes {
     /// Reads the id, the binary-mode CloudEvents attributes and the trace context.
     fn from_headers(headers: &HeaderMap) -> Self {
         let text = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::trim)
+            header_text(headers, name)
+                .map(|value| value.trim().to_owned())
                 .filter(|value| !value.is_empty())
-                .map(str::to_owned)
         };
         Self {
             // An empty Idempotency-Key counts as absent.
@@ -74,10 +75,20 @@ impl Attributes {
     }
 }
 
+/// Returns a header value as text, with any byte that is not UTF-8 replaced.
+///
+/// A value that is not visible ASCII still counts as present, so an `Idempotency-Key` or
+/// `ce-type` with such bytes is rejected by its own check instead of being ignored.
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+}
+
 /// Checks the W3C `traceparent` shape: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
 ///
 /// An invalid value is dropped, so the event starts a new trace instead of being rejected.
-fn is_valid_traceparent(value: &str) -> bool {
+pub(crate) fn is_valid_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |part: &str, len: usize| {
         part.len() == len && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -125,7 +136,7 @@ async fn accept_one(
     let (payload, value) = body::parse_json(&bytes)?;
 
     let attributes = Attributes::from_headers(headers);
-    if let Some(ce_type) = headers.get(names::CE_TYPE).and_then(|v| v.to_str().ok())
+    if let Some(ce_type) = header_text(headers, names::CE_TYPE)
         && ce_type != event_type
     {
         return Err(Problem::bad_request(
@@ -163,19 +174,13 @@ pub async fn publish_batch(
     };
 
     match media_type {
-        MediaType::Json => {
-            let binary_type = headers
-                .get(names::CE_TYPE)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_owned);
-            match binary_type {
-                Some(event_type) => {
-                    let result = accept_binary(&ingress, &event_type, &headers, &bytes).await;
-                    single_response(&ingress, Some(&event_type), result)
-                }
-                None => batch_response(&ingress, cloudevents::parse_batch(&ingress, &bytes)).await,
+        MediaType::Json => match header_text(&headers, names::CE_TYPE) {
+            Some(event_type) => {
+                let result = accept_binary(&ingress, &event_type, &headers, &bytes).await;
+                single_response(&ingress, Some(&event_type), result)
             }
-        }
+            None => batch_response(&ingress, cloudevents::parse_batch(&ingress, &bytes)).await,
+        },
         MediaType::CloudEvent => {
             let accepted = match cloudevents::parse_structured(&ingress, &bytes) {
                 Ok(event) => publish(&ingress, &event).await,
@@ -255,7 +260,8 @@ struct BatchAnswer {
     results: Vec<BatchResult>,
 }
 
-/// Publishes the valid events of a batch at once and reports per item.
+/// Publishes the valid events of a batch, up to [`MAX_BATCH_PUBLISHES_IN_FLIGHT`] at a
+/// time, and reports per item.
 ///
 /// The status is 202 when every item was accepted, 503 when every item failed because
 /// JetStream was unavailable, and 207 otherwise. Items reported 202 are durable, so a
@@ -272,13 +278,18 @@ async fn batch_response(
         }
     };
 
-    let outcomes = futures::future::join_all(items.into_iter().map(|item| async move {
-        match item {
-            Ok(event) => publish(ingress, &event).await,
-            Err(problem) => Err(problem),
-        }
-    }))
-    .await;
+    // Each publish waits up to the publish timeout from its first poll, so publishing
+    // thousands at once would time out items that JetStream stores moments later.
+    let outcomes: Vec<Result<Accepted, Problem>> =
+        futures::stream::iter(items.into_iter().map(|item| async move {
+            match item {
+                Ok(event) => publish(ingress, &event).await,
+                Err(problem) => Err(problem),
+            }
+        }))
+        .buffered(MAX_BATCH_PUBLISHES_IN_FLIGHT)
+        .collect()
+        .await;
 
     let all_unavailable = outcomes
         .iter()
@@ -369,7 +380,7 @@ pub fn build_event(
 }
 
 /// Publishes and waits for the acknowledgement. A failure is a 503 with `Retry-After`,
-/// except an event larger than the NATS server's `max_payload`, which is a 413.
+/// except an event larger than the NATS server accepts, which is a 413.
 ///
 /// The publish runs in a producer span whose trace context replaces the producer's
 /// `traceparent` on the stored event, so every delivery joins the same trace.
@@ -420,17 +431,21 @@ pub async fn publish(ingress: &Ingress, event: &Event) -> Result<Accepted, Probl
                         "Event too large",
                         format!(
                             "the event with its headers is larger than the NATS server's \
-                             max_payload ({message}): send a smaller body or shorter ce-source \
-                             and tracestate headers"
+                             max_payload or JetStream's 64 KiB header limit ({message}): send a \
+                             smaller body or shorter ce-source and tracestate headers"
                         ),
                     ));
                 }
                 PublishError::Disconnected => {
                     "NATS is not connected, so the event was not stored: retry later".to_owned()
                 }
-                PublishError::TimedOut(_) | PublishError::Rejected(_) => {
-                    format!("the event was not stored ({err}): retry later with the same id")
-                }
+                // The server may have stored the event before the acknowledgement was lost,
+                // so the id is given back for a retry that deduplicates.
+                PublishError::TimedOut(_) | PublishError::Rejected(_) => format!(
+                    "the event may not have been stored ({err}): retry later with the event id \
+                     \"{}\" so that JetStream drops a stored copy as a duplicate",
+                    event.id
+                ),
             };
             Err(Problem::unavailable(detail, ingress.retry_after))
         }

@@ -224,7 +224,7 @@ pub async fn show(
             message: err.to_string(),
         })?;
     let message = stream.get_raw_message(seq).await.map_err(|err| {
-        if err.to_string().contains("not found") {
+        if err.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound {
             DlqError::NotFound(seq)
         } else {
             DlqError::Read {

@@ -5,6 +5,7 @@
 //! signature headers. Redirects are never followed and the response body is read only up
 //! to a short excerpt, so a misbehaving endpoint cannot grow the router's memory.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
@@ -88,33 +89,46 @@ impl HttpTarget {
         content_type: &str,
         body: Bytes,
     ) -> AttemptOutcome {
+        // Producers that publish to NATS directly, and structured CloudEvents, can store
+        // attributes with control characters. reqwest rejects such a header, and every
+        // attempt would fail, so they are percent-encoded as the CloudEvents HTTP binding
+        // does.
+        let id = encode_control_characters(event.id);
+        let event_type = encode_control_characters(event.event_type);
+        let source = encode_control_characters(event.source);
+        let time = encode_control_characters(event.time);
+        let content_type = encode_control_characters(content_type);
         let mut request = self
             .client
             .post(self.url.clone())
             .timeout(self.timeout)
             .headers(self.headers.clone())
-            .header(CONTENT_TYPE, content_type)
+            .header(CONTENT_TYPE, content_type.as_ref())
             .header("ce-specversion", "1.0")
-            .header("ce-id", event.id)
-            .header("ce-type", event.event_type)
-            .header("ce-source", event.source)
-            .header("ce-time", event.time);
-        if let Some(traceparent) = event.traceparent {
-            request = request.header("traceparent", traceparent);
-        }
-        if let Some(tracestate) = event.tracestate {
-            request = request.header("tracestate", tracestate);
+            .header("ce-id", id.as_ref())
+            .header("ce-type", event_type.as_ref())
+            .header("ce-source", source.as_ref())
+            .header("ce-time", time.as_ref());
+        // An encoded trace context would be invalid anyway, so an invalid one is left out.
+        let trace_headers = [
+            ("traceparent", event.traceparent),
+            ("tracestate", event.tracestate),
+        ];
+        for (name, value) in trace_headers {
+            if let Some(value) = value.and_then(|text| HeaderValue::from_str(text).ok()) {
+                request = request.header(name, value);
+            }
         }
         if !self.signer.is_empty() {
             // The id is the event id on every attempt, so receivers can deduplicate; the
             // timestamp is the attempt's, as the Standard Webhooks replay window expects.
             let timestamp = unix_seconds(SystemTime::now());
             request = request
-                .header(signing::WEBHOOK_ID, event.id)
+                .header(signing::WEBHOOK_ID, id.as_ref())
                 .header(signing::WEBHOOK_TIMESTAMP, timestamp.to_string())
                 .header(
                     signing::WEBHOOK_SIGNATURE,
-                    self.signer.sign(event.id, timestamp, &body),
+                    self.signer.sign(&id, timestamp, &body),
                 );
         }
 
@@ -164,6 +178,24 @@ async fn read_outcome(mut response: reqwest::Response) -> AttemptOutcome {
     }
 }
 
+/// Percent-encodes the ASCII control characters other than tab, which are the only
+/// characters that an HTTP field value cannot carry. Other text is returned unchanged.
+fn encode_control_characters(text: &str) -> Cow<'_, str> {
+    let is_forbidden = |c: char| c.is_ascii_control() && c != '\t';
+    if !text.contains(is_forbidden) {
+        return Cow::Borrowed(text);
+    }
+    let mut encoded = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_forbidden(c) {
+            encoded.push_str(&format!("%{:02X}", u32::from(c)));
+        } else {
+            encoded.push(c);
+        }
+    }
+    Cow::Owned(encoded)
+}
+
 fn unix_seconds(time: SystemTime) -> i64 {
     let seconds = time
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -183,4 +215,21 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_percent_encoded() {
+        assert_eq!(encode_control_characters("/orders"), "/orders");
+        assert_eq!(encode_control_characters("a\u{1}b\u{7f}"), "a%01b%7F");
+        assert_eq!(encode_control_characters("a\r\nb"), "a%0D%0Ab");
+        assert_eq!(encode_control_characters("tab\tand ü"), "tab\tand ü");
+        for text in ["a\u{1}b", "x\u{0}", "ü\u{1b}"] {
+            let encoded = encode_control_characters(text);
+            assert!(HeaderValue::from_str(&encoded).is_ok(), "{encoded:?}");
+        }
+    }
 }

@@ -10,6 +10,16 @@ use minijinja::{Environment, UndefinedBehavior, Value};
 const FILTER_NAME: &str = "filter";
 const TRANSFORM_NAME: &str = "transform";
 
+/// Fuel for one filter evaluation or transform render (minijinja's `fuel` feature).
+///
+/// One fuel pays for one instruction or 64 bytes of produced data, so a render stops after
+/// about 4 million instructions or 256 MB. A template with nested loops over `range` or
+/// over the event data then fails with "engine ran out of fuel" and the event is
+/// dead-lettered, instead of blocking a runtime thread and growing memory without bound.
+/// The budget still covers `{{ data | tojson }}` of a 12 MB payload, above the 8 MB
+/// `max_payload` that `switchyard dev` sets.
+pub const TEMPLATE_FUEL: u64 = 4_000_000;
+
 /// A filter or transform that does not compile, or fails on an event.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -41,6 +51,7 @@ impl SinkTemplates {
         let mut env = Environment::new();
         // A misspelt variable is an error, not an empty string in the body.
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         if let Some(filter) = filter {
             env.compile_expression(filter)
                 .map_err(|err| TemplateError::Filter(describe(&err)))?;
@@ -95,7 +106,7 @@ fn describe(err: &minijinja::Error) -> String {
     }
 }
 
-/// Builds the variables a filter or transform sees.
+/// Builds the variables passed to a filter or transform.
 pub fn context(
     event_type: &str,
     id: &str,
@@ -186,6 +197,36 @@ mod tests {
     fn syntax_errors_are_reported() {
         assert!(SinkTemplates::new(Some("data.size_bytes >"), None).is_err());
         assert!(SinkTemplates::new(None, Some("{{ data.x ")).is_err());
+    }
+
+    #[test]
+    fn runaway_transform_runs_out_of_fuel() {
+        let nested = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}\
+                      {% endfor %}";
+        let templates = SinkTemplates::new(None, Some(nested)).expect("compiles");
+        let started = std::time::Instant::now();
+        let err = templates.render(&sample()).expect_err("bounded by fuel");
+        assert!(err.to_string().contains("fuel"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn fuel_covers_tojson_of_a_large_payload() {
+        let text = "a".repeat(8 * 1024 * 1024);
+        let context = context(
+            "file.uploaded",
+            "evt-1",
+            "tests",
+            "",
+            &json!({"text": text}),
+        );
+        let templates =
+            SinkTemplates::new(None, Some(r#"{"data": {{ data | tojson }}}"#)).expect("compiles");
+        let body = templates
+            .render(&context)
+            .expect("renders within the fuel budget")
+            .expect("has a transform");
+        assert!(body.len() > text.len());
     }
 
     #[test]

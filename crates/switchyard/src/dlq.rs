@@ -33,12 +33,14 @@ enum DlqCommand {
     },
     /// Print one dead letter: its headers, then its payload.
     Show {
-        /// Sequence of the dead letter in the DLQ stream.
+        /// Sequence of the dead letter in the DLQ stream (from 1).
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         seq: u64,
     },
     /// Send dead letters again to the sink that gave them up, and remove them from DLQ.
     Replay {
-        /// Sequences of the dead letters in the DLQ stream.
+        /// Sequences of the dead letters in the DLQ stream (from 1).
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         seqs: Vec<u64>,
         /// Replay every dead letter (of `--sink`, if given).
         #[arg(long, conflicts_with = "seqs")]

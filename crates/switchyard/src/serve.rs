@@ -30,7 +30,7 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let schemas = Arc::new(schemas);
     let client = nats::connect(&config.nats).await?;
-    tracing::info!(url = %config.nats.url, server_version = %client.server_info().version, "connected to NATS");
+    tracing::info!(url = %nats::redact_nats_url(&config.nats.url), server_version = %client.server_info().version, "connected to NATS");
     let jetstream = async_nats::jetstream::new(client);
     nats::ensure_streams(&jetstream, &config.streams).await?;
 

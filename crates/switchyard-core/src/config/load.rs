@@ -27,16 +27,13 @@ pub enum ConfigError {
         key: String,
         variable: String,
     },
+    // The value is left out of the message because it may contain a secret.
     #[error(
-        "config file {}, key `{key}`: unterminated ${{ in \"{value}\"; close it with }} or \
+        "config file {}, key `{key}`: the value has a ${{ without a closing }}; close it or \
          write $${{ for a literal",
         path.display()
     )]
-    Unterminated {
-        path: PathBuf,
-        key: String,
-        value: String,
-    },
+    Unterminated { path: PathBuf, key: String },
     #[error("config file {}, key `{key}`: {message}", path.display())]
     Invalid {
         path: PathBuf,
@@ -106,7 +103,6 @@ fn expand_value(
                 ExpandError::Unterminated => ConfigError::Unterminated {
                     path: path.to_owned(),
                     key: key.clone(),
-                    value: text.clone(),
                 },
             })?;
         }
@@ -249,6 +245,15 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("nats.url"), "{message}");
         assert!(message.contains("NATS_URL_UNSET"), "{message}");
+    }
+
+    #[test]
+    fn unterminated_error_hides_the_value() {
+        let text = "[nats]\npassword = \"hunter2${oops\"\n";
+        let err = parse_str(text, Path::new("switchyard.toml"), &env).expect_err("unterminated");
+        let message = err.to_string();
+        assert!(message.contains("nats.password"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
     }
 
     #[test]
