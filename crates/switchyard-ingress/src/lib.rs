@@ -26,15 +26,23 @@ use async_nats::jetstream;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath};
-use axum::http::Request;
+use axum::http::{Method, Request, StatusCode, Uri};
 use axum::routing::{get, post};
 use switchyard_core::config::Config;
 use switchyard_core::schema::SchemaRegistry;
 use switchyard_telemetry::propagation;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 pub use problem::{PROBLEM_CONTENT_TYPE, Problem};
+
+/// Time a client has to send its whole request body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a request may take in all, including the JetStream acknowledgement.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest request path echoed back in an error, in bytes.
+const MAX_ECHOED_PATH_BYTES: usize = 200;
 
 /// Bytes kept free under the server's `max_payload` for the headers Switchyard adds.
 pub const HEADER_RESERVE_BYTES: usize = 8 * 1024;
@@ -110,8 +118,17 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
         // The handlers enforce the configured limit themselves, with a problem response.
         .layer(DefaultBodyLimit::disable())
+        // A client that sends its body too slowly, or a request that takes too long, is
+        // cut off so it cannot hold a connection and a task forever.
+        .layer(RequestBodyTimeoutLayer::new(BODY_READ_TIMEOUT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
@@ -120,6 +137,44 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
                 .on_failure(()),
         )
         .with_state(ingress)
+}
+
+/// Answers a path no route serves.
+async fn unknown_route(uri: Uri) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "Not found",
+        format!(
+            "no route for {}: POST events to /v1/events/{{type}} or /v1/events",
+            truncate(uri.path(), MAX_ECHOED_PATH_BYTES)
+        ),
+    )
+}
+
+/// Answers a known path with the wrong method.
+async fn method_not_allowed(method: Method, uri: Uri) -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!(
+            "{method} is not allowed on {}: events are sent with POST, probes with GET",
+            truncate(uri.path(), MAX_ECHOED_PATH_BYTES)
+        ),
+    )
+}
+
+/// Shortens text echoed back in an error, at a character boundary.
+fn truncate(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Opens the server span of a request, continuing the caller's trace when its

@@ -61,6 +61,8 @@ pub async fn run_with(
     );
 
     let stop = shutdown.clone();
+    // NOTE: axum::serve sets no header read or idle keep-alive timeout, so a client that
+    // trickles its headers holds a connection; put a proxy in front on untrusted networks.
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             wait_for_signal().await;
