@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod propagation;
 pub mod throttle;
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -23,8 +24,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Log filter used when `RUST_LOG` is unset.
+/// Log filter of long-running commands when `RUST_LOG` is unset.
 pub const DEFAULT_LOG_FILTER: &str = "info";
+/// Log filter of one-shot commands when `RUST_LOG` is unset, so their output stays clean.
+pub const QUIET_LOG_FILTER: &str = "warn";
 /// Service name reported with every span unless `OTEL_SERVICE_NAME` is set.
 pub const DEFAULT_SERVICE_NAME: &str = "switchyard";
 /// Environment variables that turn trace export on, as the OpenTelemetry spec names them.
@@ -85,11 +88,16 @@ impl Drop for TelemetryGuard {
 ///
 /// Call it before starting an async runtime: the exporter runs its own thread with a
 /// blocking HTTP client.
-pub fn init(format: LogFormat, traces: &TraceSettings) -> Result<TelemetryGuard, TelemetryError> {
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    traces: &TraceSettings,
+) -> Result<TelemetryGuard, TelemetryError> {
     let filter =
-        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let log_layer = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

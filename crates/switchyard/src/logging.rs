@@ -30,7 +30,13 @@ pub fn init(format: LogFormat, config_path: Option<&Path>) -> Option<TelemetryGu
         LogFormat::Text => TelemetryLogFormat::Text,
         LogFormat::Json => TelemetryLogFormat::Json,
     };
-    match switchyard_telemetry::init(format, &traces) {
+    // Long-running commands log their work; one-shot commands only warnings and errors.
+    let default_filter = if config_path.is_some() {
+        switchyard_telemetry::DEFAULT_LOG_FILTER
+    } else {
+        switchyard_telemetry::QUIET_LOG_FILTER
+    };
+    match switchyard_telemetry::init(format, default_filter, &traces) {
         Ok(guard) => Some(guard),
         Err(err) => {
             eprintln!("warning: traces are off: {err}");

@@ -34,6 +34,17 @@ pub async fn run_with(
     let jetstream = async_nats::jetstream::new(client);
     nats::ensure_streams(&jetstream, &config.streams).await?;
 
+    // Bind first, so a port in use stops the start before any sink delivers.
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "failed to listen on {} (key `server.listen`, or SWITCHYARD_LISTEN in the \
+                 example config): stop the process using it or pick another address",
+                config.server.listen
+            )
+        })?;
+
     // Consumers exist before the ingress accepts anything, so a new sink sees every event
     // accepted from now on.
     let shutdown = CancellationToken::new();
@@ -45,14 +56,6 @@ pub async fn run_with(
     if let Some(extra) = extra_routes {
         app = app.merge(extra);
     }
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "failed to listen on {} (key `server.listen`)",
-                config.server.listen
-            )
-        })?;
     tracing::info!(
         listen = %config.server.listen,
         sinks = config.sinks.len(),
