@@ -73,6 +73,10 @@ impl SinkTemplates {
         self.has_transform
     }
 
+    pub fn has_filter(&self) -> bool {
+        self.has_filter
+    }
+
     /// Evaluates the filter; without one every event passes.
     pub fn passes(&self, context: &Value) -> Result<bool, TemplateError> {
         if !self.has_filter {

@@ -412,6 +412,14 @@ impl SinkWorker {
             Some(_) => {}
         }
 
+        if !self.templates.has_filter() && !self.templates.has_transform() {
+            // The payload goes out unchanged, so the template variables are not built:
+            // converting the payload for minijinja costs about as much as the schema check.
+            return Prepared::Deliver {
+                body: message.payload.clone(),
+                content_type: event.content_type.clone(),
+            };
+        }
         let context = template::context(
             event_type.as_str(),
             &event.id,
