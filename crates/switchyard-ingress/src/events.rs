@@ -346,7 +346,7 @@ pub fn build_event(
     let event_type: EventType = event_type.parse().map_err(|err: event::EventNameError| {
         Problem::bad_request("invalid-event-type", err.to_string())
     })?;
-    let validation = tracing::info_span!("schema.validate", event.r#type = %event_type);
+    let validation = tracing::debug_span!("schema.validate", event.r#type = %event_type);
     let Some(violations) = validation.in_scope(|| ingress.schemas.validate(&event_type, value))
     else {
         return Err(Problem::unknown_type(event_type.as_str()));
@@ -386,7 +386,7 @@ pub fn build_event(
 /// `traceparent` on the stored event, so every delivery joins the same trace.
 pub async fn publish(ingress: &Ingress, event: &Event) -> Result<Accepted, Problem> {
     let subject = event.event_type.subject();
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "publish",
         otel.name = %format!("publish {subject}"),
         otel.kind = "producer",

@@ -184,7 +184,7 @@ fn request_span(request: &Request<Body>) -> Span {
         || request.uri().path().to_owned(),
         |path| path.as_str().to_owned(),
     );
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "request",
         otel.name = %format!("{} {route}", request.method()),
         otel.kind = "server",

@@ -267,7 +267,7 @@ pub async fn replay(
     headers.insert(names::NATS_MSG_ID, message_id.as_str());
 
     // A replay is a new trace, linked to the trace of the original event.
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "replay",
         otel.kind = "producer",
         messaging.system = "nats",

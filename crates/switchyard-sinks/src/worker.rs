@@ -63,6 +63,18 @@ enum Prepared {
     },
 }
 
+/// How a run of attempts left the event.
+enum Settled {
+    Delivered,
+    /// Nak with this delay, so JetStream redelivers the event later.
+    RetryLater(Duration),
+    GiveUp {
+        reason: DeadLetterReason,
+        attempt: u32,
+        outcome: AttemptOutcome,
+    },
+}
+
 /// The attributes of a stored event, read from its headers and subject.
 struct StoredEvent {
     id: String,
@@ -169,7 +181,7 @@ impl SinkWorker {
         // tracing-opentelemetry 0.34 exports unsigned integers as strings, so integer span
         // attributes are recorded as i64.
         let stream_sequence = i64::try_from(event.stream_sequence).unwrap_or(i64::MAX);
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "deliver",
             otel.name = %format!("process {}", message.subject),
             otel.kind = "consumer",
@@ -206,29 +218,64 @@ impl SinkWorker {
                 return;
             }
             Prepared::Reject { reason, error } => {
-                tracing::error!(event.id = %event.id, reason = reason.as_str(), error = %error, "event cannot be delivered; dead-lettering");
+                tracing::error!(sink = %self.config.name, event.id = %event.id, reason = reason.as_str(), error = %error, "event cannot be delivered; dead-lettering");
                 self.dead_letter(&message, &event, reason, event.delivered, None, &error)
                     .await;
                 return;
             }
         };
 
-        let keeper = ProgressKeeper::start(&message, self.config.delivery.ack_wait);
+        let ack_wait = self.config.delivery.ack_wait;
+        let attempts = self.attempt_until_settled(&event, &content_type, body, shutdown);
+        match with_progress(&message, ack_wait, attempts).await {
+            Settled::Delivered => ack(&message, AckKind::Ack).await,
+            Settled::RetryLater(delay) => ack(&message, AckKind::Nak(Some(delay))).await,
+            Settled::GiveUp {
+                reason,
+                attempt,
+                outcome,
+            } => {
+                let excerpt = match &outcome {
+                    AttemptOutcome::Response { excerpt, .. } => excerpt.as_str(),
+                    _ => "",
+                };
+                let error = outcome.describe();
+                self.dead_letter_with(
+                    &message,
+                    &event,
+                    reason,
+                    attempt,
+                    Some(&outcome),
+                    &error,
+                    excerpt,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Runs attempts until one settles the event: delivered, to be retried later, or given
+    /// up. Only ordered sinks attempt more than once here, because they retry in place.
+    async fn attempt_until_settled(
+        &self,
+        event: &StoredEvent,
+        content_type: &str,
+        body: Bytes,
+        shutdown: &CancellationToken,
+    ) -> Settled {
         let mut attempt = event.delivered;
         loop {
             if let Some(limiter) = &self.limiter {
                 limiter.until_ready().await;
             }
             let (outcome, decision) = self
-                .attempt(&event, attempt, &content_type, body.clone())
+                .attempt(event, attempt, content_type, body.clone())
                 .await;
             match decision {
                 Decision::Ack => {
-                    tracing::debug!(event.id = %event.id, attempt, status = outcome.status(), "delivered");
+                    tracing::debug!(sink = %self.config.name, event.id = %event.id, attempt, status = outcome.status(), "delivered");
                     self.count_outcome("delivered");
-                    drop(keeper);
-                    ack(&message, AckKind::Ack).await;
-                    return;
+                    return Settled::Delivered;
                 }
                 Decision::Retry { delay } => {
                     self.count_outcome("retried");
@@ -239,6 +286,7 @@ impl SinkWorker {
                     let key = format!("{}:retry:{}", self.config.name, outcome.kind());
                     if let Some(suppressed) = self.throttle.check(&key) {
                         tracing::warn!(
+                            sink = %self.config.name,
                             event.id = %event.id,
                             attempt,
                             outcome = %outcome.describe(),
@@ -249,47 +297,33 @@ impl SinkWorker {
                     }
                     if self.config.delivery.ordered && !shutdown.is_cancelled() {
                         // Ordered sinks hold the message and retry in place, so no later
-                        // event overtakes it; the keeper extends the ack wait meanwhile.
+                        // event overtakes it; in-progress acks extend the ack wait meanwhile.
                         pause(shutdown, delay).await;
                         if !shutdown.is_cancelled() {
                             attempt += 1;
                             continue;
                         }
                     }
-                    drop(keeper);
-                    ack(&message, AckKind::Nak(Some(delay))).await;
-                    return;
+                    return Settled::RetryLater(delay);
                 }
                 Decision::DeadLetter(reason) => {
-                    let (excerpt, error) = match &outcome {
-                        AttemptOutcome::Response { excerpt, .. } => {
-                            (excerpt.as_str(), outcome.describe())
-                        }
-                        _ => ("", outcome.describe()),
-                    };
                     let key = format!("{}:give-up:{}", self.config.name, reason.as_str());
                     if let Some(suppressed) = self.throttle.check(&key) {
                         tracing::error!(
+                            sink = %self.config.name,
                             event.id = %event.id,
                             attempt,
                             reason = reason.as_str(),
-                            outcome = %error,
+                            outcome = %outcome.describe(),
                             suppressed,
                             "giving up; dead-lettering"
                         );
                     }
-                    drop(keeper);
-                    self.dead_letter_with(
-                        &message,
-                        &event,
+                    return Settled::GiveUp {
                         reason,
                         attempt,
-                        Some(&outcome),
-                        &error,
-                        excerpt,
-                    )
-                    .await;
-                    return;
+                        outcome,
+                    };
                 }
             }
         }
@@ -303,7 +337,7 @@ impl SinkWorker {
         content_type: &str,
         body: Bytes,
     ) -> (AttemptOutcome, Decision) {
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "attempt",
             otel.name = "POST",
             otel.kind = "client",
@@ -377,7 +411,9 @@ impl SinkWorker {
                 error: format!("subject {} carries no valid event type", message.subject),
             };
         };
-        let data: serde_json::Value = match switchyard_core::json::parse_strict(
+        // The ingress rejected duplicate keys already; a direct NATS publisher's duplicate
+        // key is validated with the last value and forwarded unchanged.
+        let data: serde_json::Value = match switchyard_core::json::parse_checked_before(
             switchyard_core::json::strip_bom(&message.payload),
         ) {
             Ok(data) => data,
@@ -495,7 +531,7 @@ impl SinkWorker {
                 .unwrap_or("unknown"),
         };
         let subject = format!("dlq.{}.{}", info.sink, info.event_type);
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "dead_letter",
             otel.name = %format!("publish {subject}"),
             otel.kind = "producer",
@@ -576,30 +612,29 @@ async fn pause(shutdown: &CancellationToken, duration: Duration) {
     }
 }
 
-/// Sends in-progress acks every half ack wait until dropped.
-struct ProgressKeeper {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ProgressKeeper {
-    fn start(message: &jetstream::Message, ack_wait: Duration) -> Self {
-        let message = message.clone();
-        let period = (ack_wait / 2).max(Duration::from_millis(100));
-        let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            loop {
-                ticks.tick().await;
+/// Runs `work`, sending an in-progress ack every half ack wait until it finishes, so a
+/// slow delivery keeps its message instead of JetStream handing it to another router.
+///
+/// The timer lives in the same task as the work, so a fast delivery costs one timer
+/// registration and no extra task.
+async fn with_progress<T>(
+    message: &jetstream::Message,
+    ack_wait: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    let period = (ack_wait / 2).max(Duration::from_millis(100));
+    let mut deadline = tokio::time::Instant::now() + period;
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut work => return output,
+            () = tokio::time::sleep_until(deadline) => {
+                deadline += period;
                 if let Err(err) = message.ack_with(AckKind::Progress).await {
                     tracing::debug!(error = %err, "failed to send in-progress ack");
                 }
             }
-        });
-        Self { task }
-    }
-}
-
-impl Drop for ProgressKeeper {
-    fn drop(&mut self) {
-        self.task.abort();
+        }
     }
 }

@@ -20,6 +20,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -34,6 +35,14 @@ pub const DEFAULT_SERVICE_NAME: &str = "switchyard";
 const OTLP_ENDPOINT_VARIABLES: [&str; 2] = [
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+/// Log targets of Switchyard's crates, whose debug spans are exported.
+const SWITCHYARD_TARGETS: [&str; 5] = [
+    "switchyard",
+    "switchyard_core",
+    "switchyard_ingress",
+    "switchyard_sinks",
+    "switchyard_telemetry",
 ];
 /// How long the exporter may take to flush at shutdown.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -109,13 +118,18 @@ pub fn init(
 
     let provider = build_provider(traces)?;
     let otel_layer = provider.as_ref().map(|provider| {
-        // Spans of every level are exported; the log filter only applies to log output.
         tracing_opentelemetry::layer().with_tracer(provider.tracer(DEFAULT_SERVICE_NAME))
     });
+    // Switchyard's per-event spans are at debug level, so without an exporter (and with
+    // the default log filter) no layer enables them and they cost next to nothing. The
+    // exporter takes them from Switchyard's own crates only, not the libraries' spans.
+    let exported = Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_targets(SWITCHYARD_TARGETS.map(|target| (target, LevelFilter::DEBUG)));
 
     let _ = tracing_subscriber::registry()
         .with(log_layer.with_filter(filter()))
-        .with(otel_layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
+        .with(otel_layer.with_filter(exported))
         .try_init();
     Ok(TelemetryGuard { provider })
 }
