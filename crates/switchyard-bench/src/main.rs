@@ -75,6 +75,9 @@ pub struct Args {
     /// Skip the delivery run of a sink with a signing secret.
     #[arg(long)]
     pub no_signed: bool,
+    /// Skips the runs with traces exported to a local OTLP endpoint.
+    #[arg(long)]
+    pub no_traced: bool,
     /// The `switchyard` binary to run, built with --release.
     #[arg(
         long,
@@ -245,24 +248,34 @@ impl Bench {
             step("raw ingress");
             let raw_in = self.ingress(&raw_url, None).await?;
             step("switchyard ingress");
-            let (sy_in, rss_ingress) = self.switchyard_ingress().await?;
+            let (sy_in, rss_ingress) = self.switchyard_ingress(false).await?;
             step("raw delivery");
             let raw_out = self.raw_delivery().await?;
             step("switchyard delivery");
-            let sy_out = self.switchyard_delivery("bench", None).await?;
+            let sy_out = self.switchyard_delivery("bench", None, false).await?;
             let signed = if args.no_signed {
                 None
             } else {
                 step("switchyard delivery, signed sink");
                 Some(
-                    self.switchyard_delivery("bench-signed", Some(BENCH_SECRET))
+                    self.switchyard_delivery("bench-signed", Some(BENCH_SECRET), false)
                         .await?,
                 )
+            };
+            let traced = if args.no_traced {
+                None
+            } else {
+                step("switchyard ingress, traces exported");
+                let (traced_in, _) = self.switchyard_ingress(true).await?;
+                step("switchyard delivery, traces exported");
+                let traced_out = self.switchyard_delivery("bench-traced", None, true).await?;
+                Some((traced_in, traced_out))
             };
             rounds.push(Round {
                 ingress: [raw_in, sy_in],
                 delivery: [raw_out, sy_out],
                 signed,
+                traced,
                 rss_ingress,
             });
         }
@@ -376,8 +389,9 @@ impl Bench {
         latency
     }
 
-    async fn switchyard_ingress(&self) -> anyhow::Result<(Ingress, Option<u64>)> {
-        let (config, addr) = self.write_config("ingress", "")?;
+    async fn switchyard_ingress(&self, traces: bool) -> anyhow::Result<(Ingress, Option<u64>)> {
+        let name = if traces { "ingress-traced" } else { "ingress" };
+        let (config, addr) = self.write_config(name, "", traces)?;
         let router = self.start_router(&config, addr).await?;
         let result = self
             .ingress(&router.url("/v1/events/chat.created"), router.pid())
@@ -393,9 +407,10 @@ impl Bench {
         &self,
         sink: &str,
         secret: Option<&str>,
+        traces: bool,
     ) -> anyhow::Result<Delivery> {
         self.purge().await?;
-        let (config, addr) = self.write_config(sink, &self.sink_toml(sink, secret))?;
+        let (config, addr) = self.write_config(sink, &self.sink_toml(sink, secret), traces)?;
         self.start_router(&config, addr).await?.stop().await?;
         self.preload(self.args.events).await?;
 
@@ -432,7 +447,7 @@ impl Bench {
     async fn switchyard_latency(&self) -> anyhow::Result<Latencies> {
         self.purge().await?;
         let sink = "latency";
-        let (config, addr) = self.write_config(sink, &self.sink_toml(sink, None))?;
+        let (config, addr) = self.write_config(sink, &self.sink_toml(sink, None), false)?;
         let router = self.start_router(&config, addr).await?;
         let latency = self
             .paced(&router.url("/v1/events/chat.created"), router.pid())
@@ -540,8 +555,14 @@ impl Bench {
         )
     }
 
-    /// Writes a router config on a free port of 127.0.0.1 with this run's NATS server.
-    fn write_config(&self, name: &str, sinks: &str) -> anyhow::Result<(PathBuf, SocketAddr)> {
+    /// Writes a router config on a free port of 127.0.0.1 with this run's NATS server;
+    /// with `traces`, spans are exported to the receiver's OTLP endpoint.
+    fn write_config(
+        &self,
+        name: &str,
+        sinks: &str,
+        traces: bool,
+    ) -> anyhow::Result<(PathBuf, SocketAddr)> {
         let schemas = self.schemas.display().to_string();
         if schemas.contains(['\'', '\n', '$']) {
             bail!(
@@ -552,8 +573,16 @@ impl Bench {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let text = format!(
             "[server]\nlisten = \"{addr}\"\n\n[nats]\nurl = \"{nats}\"\n\n\
-             [schemas]\ndir = '{schemas}'\n{sinks}",
+             [schemas]\ndir = '{schemas}'\n{telemetry}{sinks}",
             nats = self.nats_url,
+            telemetry = if traces {
+                format!(
+                    "\n[telemetry]\notlp_endpoint = \"{}\"\n",
+                    self.receiver.otlp_endpoint()
+                )
+            } else {
+                String::new()
+            },
         );
         let path = self.configs.join(format!("{name}.toml"));
         std::fs::write(&path, text)?;

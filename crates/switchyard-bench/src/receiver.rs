@@ -61,6 +61,9 @@ impl Receiver {
         let counters = Arc::new(Counters::default());
         let app = Router::new()
             .route("/hook", post(hook))
+            // An OTLP/HTTP trace endpoint that accepts and drops every export, for the
+            // runs with tracing on.
+            .route("/v1/traces", post(accept_traces))
             .with_state(counters.clone());
         let task = handle.spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
@@ -77,6 +80,11 @@ impl Receiver {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Returns the OTLP/HTTP base endpoint served next to the hook.
+    pub fn otlp_endpoint(&self) -> &str {
+        self.url.strip_suffix("/hook").unwrap_or(&self.url)
     }
 
     /// Clears the counters; with `record`, the latency of every later arrival is kept.
@@ -164,4 +172,9 @@ async fn hook(
     // Counted last, so a waiter that reads the count also finds the latency stored.
     counters.count.fetch_add(1, Ordering::SeqCst);
     StatusCode::NO_CONTENT
+}
+
+/// Accepts an OTLP trace export; an empty body is an empty `ExportTraceServiceResponse`.
+async fn accept_traces() -> axum::http::StatusCode {
+    axum::http::StatusCode::OK
 }

@@ -126,6 +126,8 @@ pub struct Round {
     pub ingress: [Ingress; 2],
     pub delivery: [Delivery; 2],
     pub signed: Option<Delivery>,
+    /// Ingress and delivery with traces exported to a local OTLP endpoint.
+    pub traced: Option<(Ingress, Delivery)>,
     pub rss_ingress: Option<u64>,
 }
 
@@ -141,6 +143,58 @@ pub struct Report {
     pub rounds: Vec<Round>,
     /// Index 0 is the raw baseline, 1 is Switchyard.
     pub latency: [Latencies; 2],
+}
+
+/// Lowest throughput with traces exported, as a share of the same path with traces off.
+const TRACING_TARGET: f64 = 0.9;
+
+impl Report {
+    /// Writes the rows that compare traces exported with traces off, in the same run.
+    fn write_tracing_rows(&self, out: &mut String) {
+        let rounds = &self.rounds;
+        if rounds.iter().all(|r| r.traced.is_none()) {
+            return;
+        }
+        let off_in = median(rounds.iter().map(|r| r.ingress[1].rate()).collect());
+        let on_in = median(
+            rounds
+                .iter()
+                .filter_map(|r| r.traced.as_ref().map(|(ingress, _)| ingress.rate()))
+                .collect(),
+        );
+        let off_out = median(rounds.iter().map(|r| r.delivery[1].rate()).collect());
+        let on_out = median(
+            rounds
+                .iter()
+                .filter_map(|r| r.traced.as_ref().map(|(_, delivery)| delivery.rate()))
+                .collect(),
+        );
+        for (name, off, on) in [
+            (
+                "ingress throughput, traces exported (baseline: traces off)",
+                off_in,
+                on_in,
+            ),
+            (
+                "delivery throughput, traces exported (baseline: traces off)",
+                off_out,
+                on_out,
+            ),
+        ] {
+            let value = ratio(on, off);
+            row(
+                out,
+                [
+                    name,
+                    &per_second(off),
+                    &per_second(on),
+                    &ratio_text(value),
+                    &format!(">= {TRACING_TARGET}"),
+                    met(value, Some(TRACING_TARGET), None),
+                ],
+            );
+        }
+    }
 }
 
 /// Formats one table row.
@@ -304,6 +358,8 @@ impl Report {
                 ],
             );
         }
+
+        self.write_tracing_rows(out);
 
         let [raw_lat, sy_lat] = &self.latency;
         for (name, pick, target) in [
