@@ -166,6 +166,20 @@ pub enum DlqError {
     Delete { seq: u64, message: String },
 }
 
+/// Opens a stream by name; opening also fetches its info.
+async fn open_stream(
+    jetstream: &jetstream::Context,
+    stream_name: &str,
+) -> Result<jetstream::stream::Stream, DlqError> {
+    jetstream
+        .get_stream(stream_name)
+        .await
+        .map_err(|err| DlqError::Stream {
+            stream: stream_name.to_owned(),
+            message: err.to_string(),
+        })
+}
+
 /// Reads dead letters in stream order, optionally only those of `sink`, at most `limit`.
 pub async fn list(
     jetstream: &jetstream::Context,
@@ -173,22 +187,9 @@ pub async fn list(
     sink: Option<&str>,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, DlqError> {
-    let mut stream = jetstream
-        .get_stream(stream_name)
-        .await
-        .map_err(|err| DlqError::Stream {
-            stream: stream_name.to_owned(),
-            message: err.to_string(),
-        })?;
-    let state = stream
-        .info()
-        .await
-        .map_err(|err| DlqError::Stream {
-            stream: stream_name.to_owned(),
-            message: err.to_string(),
-        })?
-        .state
-        .clone();
+    // Opening the stream fetches its info, so the state is current.
+    let stream = open_stream(jetstream, stream_name).await?;
+    let state = stream.cached_info().state.clone();
 
     let mut letters = Vec::new();
     if state.messages == 0 {
@@ -216,13 +217,7 @@ pub async fn show(
     stream_name: &str,
     seq: u64,
 ) -> Result<DeadLetter, DlqError> {
-    let stream = jetstream
-        .get_stream(stream_name)
-        .await
-        .map_err(|err| DlqError::Stream {
-            stream: stream_name.to_owned(),
-            message: err.to_string(),
-        })?;
+    let stream = open_stream(jetstream, stream_name).await?;
     let message = stream.get_raw_message(seq).await.map_err(|err| {
         if err.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound {
             DlqError::NotFound(seq)
@@ -311,13 +306,7 @@ pub async fn replay(
         .await
         .map_err(|error| DlqError::Publish { seq, error })?;
 
-    let stream = jetstream
-        .get_stream(stream_name)
-        .await
-        .map_err(|err| DlqError::Stream {
-            stream: stream_name.to_owned(),
-            message: err.to_string(),
-        })?;
+    let stream = open_stream(jetstream, stream_name).await?;
     stream
         .delete_message(seq)
         .await

@@ -183,7 +183,9 @@ impl PendingMonitor {
                     .direct_get_next_for_subject(filter.as_str(), Some(start))
                     .await
                 {
-                    oldest = oldest.min(Some(message.time)).or(Some(message.time));
+                    oldest = Some(oldest.map_or(message.time, |time: time::OffsetDateTime| {
+                        time.min(message.time)
+                    }));
                 }
             }
         }

@@ -235,21 +235,9 @@ impl SinkWorker {
                 attempt,
                 outcome,
             } => {
-                let excerpt = match &outcome {
-                    AttemptOutcome::Response { excerpt, .. } => excerpt.as_str(),
-                    _ => "",
-                };
                 let error = outcome.describe();
-                self.dead_letter_with(
-                    &message,
-                    &event,
-                    reason,
-                    attempt,
-                    Some(&outcome),
-                    &error,
-                    excerpt,
-                )
-                .await;
+                self.dead_letter(&message, &event, reason, attempt, Some(&outcome), &error)
+                    .await;
             }
         }
     }
@@ -489,6 +477,8 @@ impl SinkWorker {
         }
     }
 
+    /// Stores the dead letter, then terms the message. If the store fails, the message is
+    /// nakked so it is tried again rather than lost.
     async fn dead_letter(
         &self,
         message: &jetstream::Message,
@@ -498,23 +488,10 @@ impl SinkWorker {
         outcome: Option<&AttemptOutcome>,
         error: &str,
     ) {
-        self.dead_letter_with(message, event, reason, attempts, outcome, error, "")
-            .await;
-    }
-
-    /// Stores the dead letter, then terms the message; if the store fails, the message
-    /// is nakked so it is tried again rather than lost.
-    #[allow(clippy::too_many_arguments)]
-    async fn dead_letter_with(
-        &self,
-        message: &jetstream::Message,
-        event: &StoredEvent,
-        reason: DeadLetterReason,
-        attempts: u32,
-        outcome: Option<&AttemptOutcome>,
-        error: &str,
-        excerpt: &str,
-    ) {
+        let excerpt = match outcome {
+            Some(AttemptOutcome::Response { excerpt, .. }) => excerpt.as_str(),
+            _ => "",
+        };
         let info = DeadLetterInfo {
             sink: &self.config.name,
             reason: reason.as_str(),

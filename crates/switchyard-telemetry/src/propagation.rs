@@ -24,6 +24,10 @@ pub fn extract(headers: &dyn Extractor) -> Context {
 ///
 /// An invalid `traceparent` leaves the span as the root of a new trace.
 pub fn continue_trace(span: &tracing::Span, headers: &dyn Extractor) {
+    // Without an exporter the per-event spans are disabled, and parsing is wasted work.
+    if span.is_disabled() {
+        return;
+    }
     let context = extract(headers);
     if context.span().span_context().is_valid() {
         let _ = span.set_parent(context);
