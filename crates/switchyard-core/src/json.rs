@@ -1,7 +1,7 @@
 //! Strict JSON checks for request bodies.
 //!
 //! Switchyard stores the producer's bytes unchanged, so these checks only decide whether
-//! the bytes are acceptable and build a [`Value`] for schema validation; they never
+//! the bytes are acceptable and build a [`Value`] for schema validation. They never
 //! re-serialise the payload. Beyond what `serde_json` rejects on its own (NaN, trailing
 //! commas, comments), a body is rejected when it is empty, not UTF-8, or when an object
 //! repeats a key, because receivers disagree on which duplicate wins.
@@ -14,7 +14,7 @@ use serde_json::Value;
 
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
-/// Why a body is not acceptable JSON.
+/// Reason a body is not acceptable JSON.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JsonError {
     #[error("request body is empty: send a JSON document")]

@@ -13,12 +13,12 @@ use crate::Ingress;
 /// How long readiness waits for the stream lookups.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Answers 200 while the process serves requests.
+/// Returns 200 while the process serves requests.
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Answers 200 when NATS is connected and both streams exist, 503 otherwise.
+/// Returns 200 when NATS is connected and both streams exist, 503 otherwise.
 pub async fn readyz(AxumState(ingress): AxumState<Arc<Ingress>>) -> Response {
     let state = ingress.jetstream.client().connection_state();
     if state != State::Connected {

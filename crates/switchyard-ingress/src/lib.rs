@@ -1,7 +1,7 @@
 //! The Switchyard HTTP ingress.
 //!
-//! Producers POST events; the ingress checks the media type, the size, the JSON and the
-//! schema, publishes to JetStream and returns 202 only after JetStream acknowledged the
+//! Producers POST events. The ingress checks the media type, the size, the JSON and the
+//! schema, publishes to JetStream, and returns 202 only after JetStream acknowledged the
 //! message. Routes:
 //!
 //! - `POST /v1/events/{type}`: one event, the body is its data.
@@ -41,7 +41,7 @@ pub use problem::{PROBLEM_CONTENT_TYPE, Problem};
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a request may take in all, including the JetStream acknowledgement.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest request path echoed back in an error, in bytes.
+/// Maximum length of a request path echoed back in an error, in bytes.
 const MAX_ECHOED_PATH_BYTES: usize = 200;
 
 /// Bytes kept free under the server's `max_payload` for the headers Switchyard adds.
@@ -139,7 +139,7 @@ pub fn router(ingress: Arc<Ingress>) -> Router {
         .with_state(ingress)
 }
 
-/// Answers a path no route serves.
+/// Returns a 404 problem for a path that no route serves.
 async fn unknown_route(uri: Uri) -> Problem {
     Problem::new(
         StatusCode::NOT_FOUND,
@@ -152,7 +152,7 @@ async fn unknown_route(uri: Uri) -> Problem {
     )
 }
 
-/// Answers a known path with the wrong method.
+/// Returns a 405 problem for a known path requested with the wrong method.
 async fn method_not_allowed(method: Method, uri: Uri) -> Problem {
     Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,

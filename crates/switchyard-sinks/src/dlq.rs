@@ -1,9 +1,9 @@
 //! Dead letters: writing them, listing them, and replaying them to their sink.
 //!
 //! A dead letter is the original message (headers and payload unchanged) on
-//! `dlq.<sink>.<type>` in the `DLQ` stream, with `Switchyard-*` headers that record which sink
-//! gave it up, why, after how many attempts, with which last status and error, and where
-//! the original sits in the `EVENTS` stream. A replay publishes it to
+//! `dlq.<sink>.<type>` in the `DLQ` stream. Its `Switchyard-*` headers record which sink
+//! gave it up and why, after how many attempts, the last status and error, and where the
+//! original is in the `EVENTS` stream. A replay publishes it to
 //! `replay.<sink>.<type>`, which only that sink's consumer reads, then deletes it from
 //! `DLQ`.
 

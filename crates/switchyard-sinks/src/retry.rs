@@ -150,7 +150,7 @@ pub fn is_retryable_status(status: u16) -> bool {
     matches!(status, 408 | 425 | 429) || (500..600).contains(&status)
 }
 
-/// Recognises n8n's answer for a production webhook whose workflow is not active:
+/// Recognises n8n's response for a production webhook whose workflow is not active:
 /// `404 {"code":404,"message":"The requested webhook \"POST x\" is not registered.", ...}`.
 fn is_n8n_not_registered(excerpt: &str) -> bool {
     excerpt.contains("is not registered")

@@ -92,7 +92,7 @@ impl Signer {
 }
 
 fn keyed(key: &[u8]) -> Hmac<Sha256> {
-    // HMAC takes keys of any length, so this cannot fail.
+    // HMAC accepts keys of any length (RFC 2104 hashes longer ones), so this cannot fail.
     <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!())
 }
 

@@ -63,7 +63,7 @@ enum Prepared {
     },
 }
 
-/// How a run of attempts left the event.
+/// Final state of the event after a run of attempts.
 enum Settled {
     Delivered,
     /// Nak with this delay, so JetStream redelivers the event later.

@@ -47,7 +47,7 @@ const SWITCHYARD_TARGETS: [&str; 5] = [
 /// How long the exporter may take to flush at shutdown.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How log lines are written.
+/// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -156,7 +156,7 @@ fn build_provider(traces: &TraceSettings) -> Result<Option<SdkTracerProvider>, T
     let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary);
-    // An endpoint from the environment is read by the exporter itself; one from the
+    // The exporter reads an endpoint from the environment itself. An endpoint from the
     // config file is the base URL, so the signal path is added here.
     let from_env = OTLP_ENDPOINT_VARIABLES
         .iter()

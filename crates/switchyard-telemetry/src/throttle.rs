@@ -2,7 +2,7 @@
 //!
 //! A sink whose endpoint is down fails every event the same way; logging each failure
 //! would flood the log. [`LogThrottle::check`] lets the first occurrence of a key through
-//! in each window and counts the rest, so the next line that passes can say how many
+//! in each window and counts the rest, so the next line that passes can report how many
 //! similar lines were suppressed.
 
 use std::collections::HashMap;

@@ -45,7 +45,7 @@ pub async fn run_with(
             )
         })?;
 
-    // Consumers exist before the ingress accepts anything, so a new sink sees every event
+    // Consumers exist before the ingress accepts anything, so a new sink receives every event
     // accepted from now on.
     let shutdown = CancellationToken::new();
     let sinks =
@@ -65,7 +65,7 @@ pub async fn run_with(
 
     let stop = shutdown.clone();
     // NOTE: axum::serve sets no header read or idle keep-alive timeout, so a client that
-    // trickles its headers holds a connection; put a proxy in front on untrusted networks.
+    // trickles its headers keeps a connection open; put a proxy in front on untrusted networks.
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             wait_for_signal().await;

@@ -270,7 +270,7 @@ pub struct DeliveryConfig {
     /// Requests per second at most, across this router's workers for the sink.
     #[serde(default)]
     pub rate_limit_per_second: Option<u32>,
-    /// n8n only: retries of a webhook that answers 404 "not registered".
+    /// n8n only: retries of a webhook that returns 404 "not registered".
     #[serde(default = "default_n8n_not_registered_attempts")]
     pub not_registered_attempts: u32,
     /// n8n only: delay between those retries.
