@@ -384,18 +384,30 @@ async fn stored_ids(jetstream: &jetstream::Context) -> HashSet<String> {
     ids
 }
 
-/// Returns the number of messages in stream `name`.
+/// Upper bound of the wait for a stream to answer, which covers a leader election after a
+/// node of a cluster is killed.
+const STREAM_LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Returns the number of messages in stream `name`, retrying while the stream has no
+/// leader.
 async fn message_count(jetstream: &jetstream::Context, name: &str) -> u64 {
-    let mut stream = jetstream
-        .get_stream(name)
-        .await
-        .unwrap_or_else(|error| panic!("failed to look up stream {name}: {error}"));
-    stream
-        .info()
-        .await
-        .unwrap_or_else(|error| panic!("failed to read the info of stream {name}: {error}"))
-        .state
-        .messages
+    let deadline = Instant::now() + STREAM_LOOKUP_TIMEOUT;
+    loop {
+        let info = match jetstream.get_stream(name).await {
+            Ok(stream) => Ok(stream.cached_info().state.messages),
+            Err(error) => Err(error),
+        };
+        match info {
+            Ok(messages) => return messages,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("stream {name} not available yet, retrying: {error}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => {
+                panic!("failed to look up stream {name} within {STREAM_LOOKUP_TIMEOUT:?}: {error}")
+            }
+        }
+    }
 }
 
 /// Returns the value of the sample of metric `name` whose labels contain `label`, such as
